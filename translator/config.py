@@ -1,0 +1,120 @@
+"""Model configurations: one dataclass per architecture, primitives only, with named presets.
+
+Presets (parameter counts for vocab 8000, tied embeddings; `translator.config` prints them):
+
+| preset | d_model | heads | d_ff | enc+dec layers | decoder-only layers |
+|---|---|---|---|---|---|
+| tiny  | 32  | 2 | 64   | 1+1 | 2 |
+| small | 256 | 4 | 1024 | 3+3 | 7 |
+| base  | 512 | 8 | 2048 | 3+3 | 7 |
+
+With d_ff = 4 d, an encoder layer holds 12 d^2 weights (attention 4 d^2, FFN 8 d^2) and a decoder layer 16 d^2
+(cross-attention adds 4 d^2): 3+3 layers hold 84 d^2, exactly what 7 decoder-only layers hold. Biases and norms
+differ by well under 1% (`tests/test_models.py` checks the 5% bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
+
+POSITIONS = ("sinusoidal", "learned", "rope")
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+@dataclass
+class TransformerConfig:
+    """What both architectures share."""
+
+    vocab_size: int = 8000
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    positions: str = "sinusoidal"  # sinusoidal | learned | rope
+    max_positions: int = 1024  # size of the learned table; sinusoidal/rope tables grow on demand
+    rope_base: float = 10000.0
+    activation: str = "relu"  # relu | gelu | swiglu
+    norm_first: bool = True  # pre-LN (False: the original post-LN)
+    bias: bool = True
+    tie_embeddings: bool = True  # source embedding = target embedding = output projection
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    sep_id: int = SEP_ID
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: expected one of {POSITIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head size, got d_model/n_heads={self.head_dim}")
+        if self.vocab_size <= max(self.pad_id, self.bos_id, self.eos_id, self.sep_id):
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the special ids")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    _presets: dict[str, dict[str, Any]] = None  # type: ignore[assignment]  # set per subclass below
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
+        """A named preset with some fields overridden; `None` overrides are ignored."""
+        if name not in cls._presets:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(cls._presets)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**{**cls._presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        return replace(self, **changes)
+
+
+_SIZES = {
+    "tiny": dict(d_model=32, n_heads=2, d_ff=64, dropout=0.0),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048),
+}
+
+
+@dataclass
+class Seq2SeqConfig(TransformerConfig):
+    n_encoder_layers: int = 3
+    n_decoder_layers: int = 3
+
+
+@dataclass
+class DecoderOnlyConfig(TransformerConfig):
+    n_layers: int = 7
+    prefix_mode: str = "bidirectional"  # bidirectional (prefix-LM) | causal (the plain recipe)
+    segment_embeddings: bool = False  # add a learned source/target embedding
+    rope_restart: bool = False  # restart position ids at <sep> (target positions count from 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prefix_mode not in ("bidirectional", "causal"):
+            raise ValueError(f"prefix_mode={self.prefix_mode!r}: expected 'bidirectional' or 'causal'")
+
+
+Seq2SeqConfig._presets = {
+    "tiny": {**_SIZES["tiny"], "n_encoder_layers": 1, "n_decoder_layers": 1},
+    "small": {**_SIZES["small"], "n_encoder_layers": 3, "n_decoder_layers": 3},
+    "base": {**_SIZES["base"], "n_encoder_layers": 3, "n_decoder_layers": 3},
+}
+DecoderOnlyConfig._presets = {
+    "tiny": {**_SIZES["tiny"], "n_layers": 2},
+    "small": {**_SIZES["small"], "n_layers": 7},
+    "base": {**_SIZES["base"], "n_layers": 7},
+}

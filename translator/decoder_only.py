@@ -1,0 +1,115 @@
+"""Decoder-only Transformer over one sequence `source <sep> target`, trained as a language model on the target.
+
+The batch is the seq2seq one (docs/design.md): the model concatenates `src` (B, S) and the target inputs, whose
+leading `<bos>` becomes `<sep>`. Source pads then sit in the middle of the sequence; they are masked as keys and
+skipped by the position ids, so a sentence's outputs do not depend on how much padding its batch needed.
+
+`prefix_mode="bidirectional"` is a prefix-LM: source positions attend to the whole source, target positions
+causally to everything before them. `"causal"` is the plain recipe: causal everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from translator.config import DecoderOnlyConfig
+from translator.layers import Block, DecodeState, LayerCache, Positions, count_parameters, init_weights
+
+
+class DecoderOnlyTransformer(nn.Module):
+    def __init__(self, config: DecoderOnlyConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.segment = nn.Embedding(2, cfg.d_model) if cfg.segment_embeddings else None
+        self.positions = Positions(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.d_model)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.emb_scale = math.sqrt(cfg.d_model)
+
+    @property
+    def start_id(self) -> int:
+        return self.config.sep_id
+
+    def _embed(self, tokens: Tensor, pos: Tensor, segment: int | Tensor, bound: int):
+        """tokens, pos (B, L) -> x (B, L, D) and rope (cos, sin) or None."""
+        x = self.embed(tokens) * self.emb_scale
+        if self.segment is not None:
+            x = x + (self.segment.weight[segment] if isinstance(segment, int) else self.segment(segment))
+        p = self.positions(pos, bound)
+        if self.positions.rotary:
+            return self.drop(x), p
+        return self.drop(x + p), None
+
+    def _source_positions(self, src_keep: Tensor) -> Tensor:
+        """(B, S) bool, True at real tokens -> position ids (B, S) that skip pads."""
+        return (src_keep.long().cumsum(1) - 1).clamp(min=0)
+
+    def _prefix_mask(self, src_keep: Tensor) -> Tensor:
+        """Source-to-source attention, (B, 1, S, S) bool."""
+        S = src_keep.size(1)
+        allowed = torch.ones(S, S, dtype=torch.bool, device=src_keep.device)
+        if self.config.prefix_mode == "causal":
+            allowed = allowed.tril()
+        return allowed & src_keep[:, None, None, :]
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V) for the
+        target positions only (`<sep>` predicts y1)."""
+        (B, S), T = src.shape, tgt.size(1)
+        src_keep = src != self.config.pad_id  # (B, S)
+        tgt = torch.cat([torch.full_like(tgt[:, :1], self.config.sep_id), tgt[:, 1:]], dim=1)
+        tokens = torch.cat([src, tgt], dim=1)  # (B, S+T)
+        src_pos = self._source_positions(src_keep)
+        first = 0 if self.config.rope_restart else src_keep.sum(1, keepdim=True)  # position of <sep>
+        tgt_pos = first + torch.arange(T, device=src.device)  # (B, T)
+        pos = torch.cat([src_pos, tgt_pos.expand(B, T)], dim=1)
+        segment = torch.cat([torch.zeros_like(src), torch.ones_like(tgt)], dim=1)
+        x, rope = self._embed(tokens, pos, segment, S + T)
+        # (B, 1, S+T, S+T): the source block per prefix_mode; target rows causal over all real tokens
+        keep = torch.cat([src_keep, torch.ones_like(tgt, dtype=torch.bool)], dim=1)
+        mask = torch.ones(S + T, S + T, dtype=torch.bool, device=src.device).tril()
+        mask = (mask & keep[:, None, None, :]).clone()
+        mask[:, :, :S, :S] = self._prefix_mask(src_keep)
+        for block in self.blocks:
+            x = block(x, mask=mask, rope=rope)
+        return self.lm_head(self.norm(x[:, S:]))
+
+    # ---- the decode-step interface (docs/design.md) ------------------------------------------------------------
+    def init_state(self, src: Tensor) -> DecodeState:
+        """Prefill the source prefix into the self-attention caches."""
+        src_keep = src != self.config.pad_id
+        state = DecodeState([LayerCache() for _ in self.blocks], ~src_keep, src_keep.sum(1))
+        if self.config.rope_restart:
+            state.pos = torch.zeros_like(state.pos)
+        x, rope = self._embed(src, self._source_positions(src_keep), 0, src.size(1))
+        mask = self._prefix_mask(src_keep)
+        for block, cache in zip(self.blocks, state.layers):
+            x = block(x, mask=mask, rope=rope, cache=cache)
+        return state
+
+    def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
+        """tokens (B, n) -> logits (B, n, V); the state grows by n."""
+        B, n = tokens.shape
+        start, S = state.length, state.key_pad.size(1)
+        pos = state.pos[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
+        x, rope = self._embed(tokens, pos, 1, start + n)  # `start + n` bounds the ids: pos <= S + steps
+        keep = torch.cat([~state.key_pad, torch.ones(B, start + n - S, dtype=torch.bool, device=tokens.device)], 1)
+        offset = start  # new token i sits at key index start + i
+        causal = torch.arange(start + n, device=tokens.device)[None, :] <= offset + torch.arange(n, device=tokens.device)[:, None]
+        mask = keep[:, None, None, :] & causal  # (B, 1, n, start+n)
+        for block, cache in zip(self.blocks, state.layers):
+            x = block(x, mask=mask, rope=rope, cache=cache)
+        state.pos = state.pos + n
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        return count_parameters(self, non_embedding)

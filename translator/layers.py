@@ -1,0 +1,301 @@
+"""Building blocks shared by both architectures: attention, positions, feed-forward, blocks, KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from translator.config import TransformerConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(n: int, dim: int) -> Tensor:
+    """The paper's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). Shape (n, dim)."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table.float()
+
+
+def build_rope_cache(n: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin for positions 0..n-1, each (n, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hs/2,)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq  # (n, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (n, hs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, nh, L, hs) by per-position angles; cos/sin broadcast to it, e.g. (B, 1, L, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Positions(nn.Module):
+    """Maps position ids (B, L) to an additive embedding (sinusoidal, learned) or to rotary cos/sin.
+
+    Tables live in non-persistent buffers (learned: a parameter) and grow on demand past the trained length;
+    `bound` is an upper bound on the ids, taken from tensor shapes so that no host-device sync is needed.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.kind = cfg.positions
+        self.max_positions = cfg.max_positions
+        self.rope_base = cfg.rope_base
+        self.head_dim = cfg.head_dim
+        self.dim = cfg.d_model
+        if self.kind == "learned":
+            self.table = nn.Embedding(cfg.max_positions, cfg.d_model)
+        elif self.kind == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(256, cfg.d_model), persistent=False)
+        else:
+            cos, sin = build_rope_cache(256, cfg.head_dim, cfg.rope_base)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def rotary(self) -> bool:
+        return self.kind == "rope"
+
+    def _grow(self, bound: int) -> None:
+        if self.kind == "learned":
+            if bound > self.max_positions:
+                raise ValueError(
+                    f"sequence needs {bound} positions but the learned table has max_positions={self.max_positions}"
+                )
+            return
+        have = self.table.size(0) if self.kind == "sinusoidal" else self.cos.size(0)
+        if bound <= have:
+            return
+        n = max(bound, 2 * have)
+        if self.kind == "sinusoidal":
+            self.table = sinusoidal_table(n, self.dim).to(self.table.device)
+        else:
+            cos, sin = build_rope_cache(n, self.head_dim, self.rope_base)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+
+    def forward(self, pos: Tensor, bound: int) -> Tensor | tuple[Tensor, Tensor]:
+        """pos (B, L) -> embedding (B, L, D), or rope (cos, sin) each (B, 1, L, hs)."""
+        self._grow(bound)
+        if self.kind == "learned":
+            return self.table(pos)
+        if self.kind == "sinusoidal":
+            return self.table[pos]
+        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention and the cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer, each (B, nh, L, hs)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over SDPA, for self-attention and cross-attention alike.
+
+    One (3D, D) projection: self-attention computes q, k, v in one matmul; cross-attention takes q from x and k, v
+    from the memory with the same weights' slices. Rotary positions apply to self-attention only.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, nh, L, hs)
+        B, L, D = x.shape
+        return x.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    def project_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of y (B, Lk, D), each (B, nh, Lk, hs)."""
+        D = y.size(-1)
+        b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
+        k, v = F.linear(y, self.qkv.weight[D:], b_kv).split(D, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attend from x (B, Lq, D) to y: `y is x` for self-attention, the encoder memory (B, Lk, D) for
+        cross-attention, or None to reuse the cross-attention K/V already in `cache`. mask is bool, True = may
+        attend, broadcastable to (B, nh, Lq, Lk). Self-attention appends to the cache. Returns (B, Lq, D)."""
+        B, Lq, D = x.shape
+        if y is x:
+            q, k, v = self.qkv(x).split(D, dim=-1)
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, nh, Lq, hs)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, nh, Lk, hs)
+        else:
+            w_q, b_q = self.qkv.weight[:D], None if self.qkv.bias is None else self.qkv.bias[:D]
+            q = self._heads(F.linear(x, w_q, b_q))
+            if y is None:
+                k, v = cache.k, cache.v  # projected once per source by project_kv
+            else:
+                k, v = self.project_kv(y)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, Lq, hs)
+        return self.out(out.transpose(1, 2).reshape(B, Lq, D))
+
+
+def causal_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor:
+    """(n_new, n_keys) bool: new token i (at key index n_keys - n_new + i) sees keys up to itself."""
+    offset = n_keys - n_new
+    return torch.arange(n_keys, device=device)[None, :] <= torch.arange(n_new, device=device)[:, None] + offset
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feed-forward and the block
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        n_in = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, n_in, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, L, D)
+        h = self.fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, FFN; each a residual branch with pre- or post-LayerNorm."""
+
+    def __init__(self, cfg: TransformerConfig, cross: bool = False) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.self_attn, self.norm1 = Attention(cfg), nn.LayerNorm(cfg.d_model)
+        self.cross_attn = Attention(cfg) if cross else None
+        self.norm2 = nn.LayerNorm(cfg.d_model) if cross else None
+        self.mlp, self.norm3 = MLP(cfg), nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, fn) -> Tensor:
+        if self.norm_first:
+            return x + self.drop(fn(norm(x)))
+        return norm(x + self.drop(fn(x)))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """x (B, L, D) -> (B, L, D). memory None with a cache: cross-attention K/V come from the cache."""
+        self_kv = cache.self_kv if cache is not None else None
+        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, h, mask, is_causal, rope, self_kv))
+        if self.cross_attn is not None:
+            cross_kv = cache.cross_kv if cache is not None else None
+            x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, memory_mask, cache=cross_kv))
+        return self._residual(x, self.norm3, self.mlp)
+
+
+@dataclass
+class LayerCache:
+    self_kv: KVCache = field(default_factory=KVCache)
+    cross_kv: KVCache = field(default_factory=KVCache)
+
+
+@dataclass
+class DecodeState:
+    """Everything incremental decoding carries between steps, for either architecture.
+
+    `key_pad` (B, S) marks source pads: masked in cross-attention (seq2seq) or among the cached prefix keys
+    (decoder-only). `pos` (B,) is the position id of the next token.
+    """
+
+    layers: list[LayerCache]
+    key_pad: Tensor
+    pos: Tensor
+
+    @property
+    def length(self) -> int:
+        """Number of keys in the self-attention cache."""
+        k = self.layers[0].self_kv.k
+        return 0 if k is None else k.size(2)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/reorder batch rows (beam search); index (B',) into the current batch."""
+        for layer in self.layers:
+            layer.self_kv.reorder(index)
+            layer.cross_kv.reorder(index)
+        self.key_pad = self.key_pad.index_select(0, index)
+        self.pos = self.pos.index_select(0, index)
+
+
+def init_weights(module: nn.Module, d_model: int) -> None:
+    """Xavier for linear layers, N(0, d^-1/2) for embeddings (they are scaled by sqrt(d) on the way in)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=d_model**-0.5)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+
+def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
+    """Unique parameters; with non_embedding, token/position/segment embeddings and an untied output layer
+    are left out."""
+    params = {id(p): p for p in model.parameters()}
+    if non_embedding:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                params.pop(id(m.weight), None)
+        head = getattr(model, "lm_head", None)
+        if head is not None:
+            params.pop(id(head.weight), None)
+    return sum(p.numel() for p in params.values())
