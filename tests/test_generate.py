@@ -1,0 +1,289 @@
+"""Greedy and beam search: exact hypotheses and scores against a scripted fake model, then the real models.
+
+The fake model implements the decode-step interface of docs/design.md. Its state stores each row's source and
+prefix, and its next-token probabilities are a hand-written function of (source, prefix), so the scores of the
+search's hypotheses are only right if the search reorders the state along with its beams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from translator.generate import Hypothesis, beam_search, greedy, length_factor
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
+
+A, B, C = 5, 6, 7  # ordinary tokens of the fake vocabulary
+E = EOS_ID
+V = 8
+ln = math.log
+
+Script = Callable[[tuple[int, ...], tuple[int, ...]], dict[int, float]]
+
+
+class ScriptedState:
+    def __init__(self, src: torch.Tensor) -> None:
+        self.src = src  # (B, S)
+        self.prefix = torch.empty((src.size(0), 0), dtype=torch.long)  # (B, t) tokens fed so far, start included
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.src, self.prefix = self.src[index], self.prefix[index]
+
+
+class BrokenReorderState(ScriptedState):
+    """Selects the right rows but in sorted order: a cache that forgets to permute."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index.sort().values)
+
+
+class ScriptedModel:
+    """Next-token probabilities = script(source without pads, prefix without the start token)."""
+
+    start_id = BOS_ID
+
+    def __init__(self, script: Script, dtype: torch.dtype = torch.float32, state_cls=ScriptedState) -> None:
+        self.script, self.dtype, self.state_cls = script, dtype, state_cls
+        self.config = SimpleNamespace(eos_id=EOS_ID, pad_id=PAD_ID)
+        self.rows: list[int] = []  # batch size of each decode_step call
+
+    def init_state(self, src: torch.Tensor) -> ScriptedState:
+        return self.state_cls(src.clone())
+
+    def decode_step(self, tokens: torch.Tensor, state: ScriptedState) -> torch.Tensor:
+        assert tokens.size(1) == 1 and tokens.size(0) == state.prefix.size(0)
+        state.prefix = torch.cat([state.prefix, tokens], 1)
+        self.rows.append(tokens.size(0))
+        logits = torch.full((tokens.size(0), V), -math.inf)
+        for r, (src, prefix) in enumerate(zip(state.src.tolist(), state.prefix.tolist())):
+            assert prefix[0] == self.start_id
+            for tok, p in self.script(tuple(s for s in src if s != PAD_ID), tuple(prefix[1:])).items():
+                logits[r, tok] = ln(p)
+        return logits.to(self.dtype).unsqueeze(1)  # (B, 1, V)
+
+
+# Two finished hypotheses compete: [A] (p = .6 * .5 = .3) and [B, C] (p = .4 * .6 * 1 = .24).
+# Raw log-prob prefers [A]; so does GNMT with alpha 1; `average` with alpha 1 and GNMT with alpha 2 prefer [B, C].
+TABLE = {
+    (): {A: 0.6, B: 0.4},
+    (A,): {E: 0.5, A: 0.3, C: 0.2},
+    (B,): {C: 0.6, A: 0.25, E: 0.15},
+    (B, C): {E: 1.0},
+    (A, A): {E: 0.6, B: 0.4},
+}
+
+
+def table(src, prefix):
+    return TABLE.get(prefix, {E: 0.5, C: 0.5})
+
+
+def loop(src, prefix):  # A forever, eos always .1: only the max length stops it
+    return {A: 0.9, E: 0.1}
+
+
+def by_source(src, prefix):  # a batch mixing both scripts, chosen by the first source token
+    return table(src, prefix) if src[0] == A else loop(src, prefix)
+
+
+def src_of(*rows: list[int]) -> torch.Tensor:
+    S = max(map(len, rows))
+    return torch.tensor([r + [PAD_ID] * (S - len(r)) for r in rows])
+
+
+def assert_hyps(got: list[Hypothesis], want: list[tuple[list[int], float]]) -> None:
+    assert [h.tokens for h in got] == [w[0] for w in want]
+    assert [h.score for h in got] == pytest.approx([w[1] for w in want], rel=1e-5)
+
+
+def gnmt(n, alpha):
+    return ((5 + n) / 6) ** alpha
+
+
+# ---- scripted model ------------------------------------------------------------------------------------------
+def test_length_factor():
+    assert length_factor(3, 0.0, "gnmt") == 1 and length_factor(3, 0.0, "average") == 1
+    assert length_factor(3, 1.0, "gnmt") == pytest.approx(8 / 6)
+    assert length_factor(3, 2.0, "average") == 9
+    with pytest.raises(ValueError):
+        length_factor(3, 1.0, "bogus")
+
+
+@pytest.mark.parametrize(
+    "alpha, penalty, want",
+    [
+        (0.0, "gnmt", [([A], ln(0.3)), ([B, C], ln(0.24))]),
+        (0.0, "average", [([A], ln(0.3)), ([B, C], ln(0.24))]),
+        (1.0, "average", [([B, C], ln(0.24) / 3), ([A], ln(0.3) / 2)]),
+        (1.0, "gnmt", [([A], ln(0.3) / gnmt(2, 1)), ([B, C], ln(0.24) / gnmt(3, 1))]),
+        (2.0, "gnmt", [([B, C], ln(0.24) / gnmt(3, 2)), ([A], ln(0.3) / gnmt(2, 2))]),
+    ],
+)
+def test_beam_exact_hypotheses_and_length_penalty(alpha, penalty, want):
+    model = ScriptedModel(table)
+    (hyps,) = beam_search(model, src_of([A]), beam_size=2, nbest=2, length_penalty=alpha, penalty=penalty)
+    assert_hyps(hyps, want)
+    (best,) = beam_search(model, src_of([A]), beam_size=2, nbest=1, length_penalty=alpha, penalty=penalty)
+    assert_hyps(best, want[:1])
+
+
+def test_nbest_sorted_and_bounded():
+    (hyps,) = beam_search(ScriptedModel(table), src_of([A]), beam_size=3, nbest=3, length_penalty=0.0)
+    # step 1 keeps [B, C], [A, A], [A, C] (p .24, .18, .12); step 2 finishes [B, C] and [A, A] (p .108) as well
+    assert_hyps(hyps, [([A], ln(0.3)), ([B, C], ln(0.24)), ([A, A], ln(0.108))])
+    with pytest.raises(ValueError):
+        beam_search(ScriptedModel(table), src_of([A]), beam_size=2, nbest=3)
+
+
+def test_max_length_cuts_off_with_eos_scored():
+    # max_len = int(0 * 1 + 1) = 1: every hypothesis is closed with eos after one token, scored with p(eos)
+    (hyps,) = beam_search(ScriptedModel(table), src_of([A]), beam_size=2, nbest=2, length_penalty=0.0,
+                          max_len_a=0, max_len_b=1)
+    assert_hyps(hyps, [([A], ln(0.6 * 0.5)), ([B], ln(0.4 * 0.15))])
+    assert greedy(ScriptedModel(loop), src_of([A, B]), max_len_a=0.5, max_len_b=2) == [[A, A, A]]  # int(3)
+    assert greedy(ScriptedModel(loop), src_of([A, B]), max_len_a=0, max_len_b=0) == [[]]
+
+
+def test_early_stopping_false_searches_on():
+    kw = dict(beam_size=2, nbest=2, length_penalty=1.0, penalty="average", max_len_a=0, max_len_b=3)
+    # fairseq early stopping: done once 2 hypotheses finished ([] at step 0, [A] at step 1)
+    (hyps,) = beam_search(ScriptedModel(loop), src_of([B]), early_stopping=True, **kw)
+    assert_hyps(hyps, [([A], ln(0.9 * 0.1) / 2), ([], ln(0.1))])
+    # otherwise, longer hypotheses can still win under length normalisation: search until none can
+    (hyps,) = beam_search(ScriptedModel(loop), src_of([B]), early_stopping=False, **kw)
+    assert_hyps(hyps, [([A, A, A], ln(0.9**3 * 0.1) / 4), ([A, A], ln(0.9**2 * 0.1) / 3)])
+
+
+def test_reorder_is_required():
+    # at step 2 the live beams are [B, C] (from beam 1) and [A, A] (from beam 0): the cache must be permuted
+    want = beam_search(ScriptedModel(table), src_of([A]), beam_size=2, nbest=2, length_penalty=0.0)
+    broken = ScriptedModel(table, state_cls=BrokenReorderState)
+    got = beam_search(broken, src_of([A]), beam_size=2, nbest=2, length_penalty=0.0)
+    assert want == [[Hypothesis([A], pytest.approx(ln(0.3))), Hypothesis([B, C], pytest.approx(ln(0.24)))]]
+    assert got != want  # the broken cache scores [B, C] with the prefix [A, C]: p(eos) .5 instead of 1
+
+
+def test_beam_size_one_equals_greedy_scripted():
+    for script, src in [(table, [A]), (loop, [A, B, C]), (by_source, [B, C])]:
+        (hyps,) = beam_search(ScriptedModel(script), src_of(src), beam_size=1, nbest=1)
+        assert [h.tokens for h in hyps] == greedy(ScriptedModel(script), src_of(src))
+
+
+def test_batch_equals_one_by_one_and_finished_sentences_leave_the_batch():
+    # sentence 0 follows TABLE (max_len 3), sentence 1 loops (max_len 7)
+    kw = dict(beam_size=2, nbest=2, length_penalty=1.0, penalty="average", early_stopping=False,
+              max_len_a=2, max_len_b=1)
+    model = ScriptedModel(by_source)
+    batched = beam_search(model, src_of([A], [B, C, C]), **kw)
+    alone = [beam_search(ScriptedModel(by_source), src_of(s), **kw)[0] for s in ([A], [B, C, C])]
+    assert batched == alone
+    assert_hyps(batched[0], [([B, C], ln(0.24) / 3), ([A], ln(0.3) / 2)])
+    assert_hyps(batched[1], [([A] * 7, ln(0.9**7 * 0.1) / 8), ([A] * 6, ln(0.9**6 * 0.1) / 7)])
+    # sentence 0 is done after step 2; the remaining steps only compute sentence 1's two beams
+    assert model.rows == [4, 4, 4, 2, 2, 2, 2, 2]
+
+    model = ScriptedModel(by_source)
+    assert greedy(model, src_of([A], [B, C, C]), max_len_a=2, max_len_b=1) == [[A], [A] * 7]
+    assert model.rows == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
+def test_special_tokens_never_generated():
+    def greedy_for_pad(src, prefix):
+        if not prefix:
+            return {PAD_ID: 0.3, BOS_ID: 0.2, SEP_ID: 0.2, A: 0.15, UNK_ID: 0.05, E: 0.1}
+        return {PAD_ID: 0.5, SEP_ID: 0.2, E: 0.3}
+
+    assert greedy(ScriptedModel(greedy_for_pad), src_of([A])) == [[A]]
+    (hyps,) = beam_search(ScriptedModel(greedy_for_pad), src_of([A]), beam_size=2, nbest=2, length_penalty=0.0)
+    # scores stay the model's own log-probs (no renormalisation over the allowed tokens)
+    assert_hyps(hyps, [([], ln(0.1)), ([A], ln(0.15 * 0.3))])
+
+
+def test_bf16_logits_are_searched_in_float32():
+    (hyps,) = beam_search(ScriptedModel(table, dtype=torch.bfloat16), src_of([A]), beam_size=2, nbest=2,
+                          length_penalty=1.0, penalty="average")
+    assert [h.tokens for h in hyps] == [[B, C], [A]]
+    assert [h.score for h in hyps] == pytest.approx([ln(0.24) / 3, ln(0.3) / 2], rel=1e-2)
+    assert greedy(ScriptedModel(table, dtype=torch.bfloat16), src_of([A])) == [[A]]
+
+
+# ---- real tiny models ----------------------------------------------------------------------------------------
+class Uncached:
+    """Reference: every step re-runs the model's teacher-forced forward over the whole prefix, no cache."""
+
+    def __init__(self, model) -> None:
+        self.model, self.config, self.start_id = model, model.config, model.start_id
+
+    def init_state(self, src):
+        return ScriptedState(src.clone())
+
+    def decode_step(self, tokens, state):
+        state.prefix = torch.cat([state.prefix, tokens], 1)
+        tgt = state.prefix.clone()
+        tgt[:, 0] = self.config.bos_id  # forward() takes `<bos> y1 ..` (the decoder-only model swaps in <sep>)
+        return self.model(state.src, tgt)[:, -tokens.size(1):]
+
+
+REAL_VOCAB = 48
+
+
+def real_models():
+    from translator.config import DecoderOnlyConfig, Seq2SeqConfig
+    from translator.decoder_only import DecoderOnlyTransformer
+    from translator.seq2seq import Seq2SeqTransformer
+
+    return {
+        "seq2seq": lambda: Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", vocab_size=REAL_VOCAB)),
+        "seq2seq-rope": lambda: Seq2SeqTransformer(
+            Seq2SeqConfig.preset("tiny", vocab_size=REAL_VOCAB, positions="rope")),
+        "decoder-only": lambda: DecoderOnlyTransformer(DecoderOnlyConfig.preset("tiny", vocab_size=REAL_VOCAB)),
+        "decoder-only-causal-rope": lambda: DecoderOnlyTransformer(DecoderOnlyConfig.preset(
+            "tiny", vocab_size=REAL_VOCAB, positions="rope", prefix_mode="causal", rope_restart=True)),
+    }
+
+
+REAL = ["seq2seq", "seq2seq-rope", "decoder-only", "decoder-only-causal-rope"]
+
+
+@pytest.fixture(params=REAL)
+def real(request):
+    torch.manual_seed(0)
+    model = real_models()[request.param]().eval()
+    with torch.no_grad():  # make eos likely enough that hypotheses finish at different lengths
+        model.lm_head.weight[EOS_ID] *= 4
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 7]
+    rows = [torch.randint(5, REAL_VOCAB, (n,), generator=g).tolist() for n in lengths]
+    return model, src_of(*rows)
+
+
+def test_real_cached_beam_equals_uncached(real):
+    model, src = real
+    kw = dict(beam_size=4, nbest=4, max_len_a=1.0, max_len_b=4)
+    cached, uncached = beam_search(model, src, **kw), beam_search(Uncached(model), src, **kw)
+    for got, want in zip(cached, uncached):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
+    assert greedy(model, src, max_len_a=1.0, max_len_b=4) == greedy(Uncached(model), src, max_len_a=1.0, max_len_b=4)
+
+
+def test_real_beam_one_equals_greedy(real):
+    model, src = real
+    hyps = beam_search(model, src, beam_size=1)
+    assert [h[0].tokens for h in hyps] == greedy(model, src)
+
+
+def test_real_batched_equals_one_by_one(real):
+    model, src = real
+    kw = dict(beam_size=3, nbest=3, max_len_a=1.0, max_len_b=4)
+    batched, batched_greedy = beam_search(model, src, **kw), greedy(model, src)
+    for i in range(src.size(0)):
+        row = src[i : i + 1, : int((src[i] != PAD_ID).sum())]  # alone, without padding
+        (alone,) = beam_search(model, row, **kw)
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+        assert batched_greedy[i] == greedy(model, row)[0]
+    assert model.training is False  # the search leaves the mode alone

@@ -1,0 +1,251 @@
+"""Greedy and beam search over the decode-step interface shared by both models (see ``docs/design.md``).
+
+The search talks to the model only through ``model.start_id``, ``model.config.eos_id``, ``model.config.pad_id``,
+``model.init_state(src)``, ``model.decode_step(tokens, state)`` and ``state.reorder(index)``, so one implementation
+serves the encoder-decoder and the decoder-only Transformer (and the scripted fake model in the tests).
+
+Everything is batched over ``(sentences x beams)`` rows; there is no Python loop per sentence or per beam during the
+search. A sentence that is done is dropped from the active batch (``state.reorder`` with a shrinking index), so its
+rows are never computed again.
+
+Callers should put the model in eval mode (``model.eval()``) first: these functions leave the mode alone, so that
+dropout stays under the caller's control. They run under ``torch.inference_mode()`` themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from translator.tokenizer import BOS_ID, SEP_ID
+
+Penalty = Literal["gnmt", "average"]
+
+
+class DecodeState(Protocol):
+    def reorder(self, index: Tensor) -> None: ...
+
+
+class DecodeModel(Protocol):
+    """What the search needs from a model (both Transformers implement it)."""
+
+    start_id: int
+    config: object  # has eos_id and pad_id
+
+    def init_state(self, src: Tensor) -> DecodeState: ...
+
+    def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor: ...
+
+
+@dataclass
+class Hypothesis:
+    """A finished translation: token ids without bos/eos, and its length-normalised log-probability."""
+
+    tokens: list[int]
+    score: float
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def length_factor(length: Tensor | float, alpha: float, penalty: Penalty = "gnmt") -> Tensor | float:
+    """Divisor of the summed log-prob; ``length`` counts eos. GNMT: ((5+len)/6)**alpha; average: len**alpha."""
+    if penalty == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if penalty == "average":
+        return length**alpha
+    raise ValueError(f"unknown length penalty {penalty!r}; expected 'gnmt' or 'average'")
+
+
+def max_lengths(src: Tensor, pad_id: int, max_len_a: float, max_len_b: float) -> Tensor:
+    """Per-sentence cap on output tokens (eos not counted): ``int(a * src_len + b)``, src_len = non-pad tokens.
+
+    Returns (B,) int64. Computed in float64 so that it matches Python's ``int(a * n + b)`` exactly.
+    """
+    src_len = (src != pad_id).sum(1).double()  # (B,)
+    return (max_len_a * src_len + max_len_b).long().clamp_min(0)  # .long() truncates like int()
+
+
+def _banned_ids(model: DecodeModel) -> list[int]:
+    """Ids the search never emits: pad, bos, sep and whatever the model starts decoding with."""
+    eos = model.config.eos_id
+    return sorted({model.config.pad_id, BOS_ID, SEP_ID, model.start_id} - {eos})
+
+
+def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: list[int],
+                 force_eos: Tensor) -> Tensor:
+    """Float32 log-probs of the next token for each row, with banned ids at -inf.
+
+    last: (R, 1) previous token per row; force_eos: (R,) bool, rows that must end now (max length reached),
+    which keep only eos (scored with the model's own eos log-prob). Returns (R, V).
+    """
+    logits = model.decode_step(last, state)[:, -1]  # (R, V)
+    lprobs = logits.float().log_softmax(-1)  # float32 even for bf16 models
+    lprobs[:, banned] = -math.inf
+    not_eos = torch.arange(lprobs.size(-1), device=lprobs.device) != model.config.eos_id  # (V,)
+    return lprobs.masked_fill(force_eos.unsqueeze(1) & not_eos, -math.inf)  # no host sync
+
+
+# ---- greedy ----------------------------------------------------------------------------------------------------
+def greedy(model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10) -> list[list[int]]:
+    """Greedy decoding. src: (B, S) right-padded source ids. Returns token ids (no bos/eos) per sentence.
+
+    A sentence stops at eos or after ``int(a * src_len + b)`` tokens; finished sentences leave the batch, and the
+    loop ends as soon as all have stopped.
+    """
+    with torch.inference_mode():
+        eos = model.config.eos_id
+        banned = _banned_ids(model)
+        B, device = src.size(0), src.device
+        max_len = max_lengths(src, model.config.pad_id, max_len_a, max_len_b).to(device)  # (B,)
+        cap = int(max_len.max()) if B else 0
+        out = torch.full((B, cap), model.config.pad_id, dtype=torch.long, device=device)  # (B, cap)
+        lengths = max_len.clone()  # (B,) overwritten when eos comes early
+
+        state = model.init_state(src)
+        active = torch.arange(B, device=device)  # (A,) original index of each live row
+        last = torch.full((B, 1), model.start_id, dtype=torch.long, device=device)  # (A, 1)
+        for t in range(cap + 1):
+            if active.numel() == 0:
+                break
+            force_eos = max_len[active] == t  # (A,)
+            lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A, V)
+            tok = lprobs.argmax(-1).masked_fill(force_eos, eos)  # (A,)
+            ended = tok == eos  # (A,)
+            if t < cap:
+                out[active, t] = tok
+            lengths[active[ended]] = t
+            if ended.any():
+                keep = (~ended).nonzero().squeeze(1)  # (A',)
+                state.reorder(keep)
+                active, tok = active[keep], tok[keep]
+            last = tok.unsqueeze(1)
+        return [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
+
+
+# ---- beam search -----------------------------------------------------------------------------------------------
+def beam_search(
+    model: DecodeModel,
+    src: Tensor,
+    beam_size: int = 5,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: float = 10,
+    nbest: int = 1,
+    early_stopping: bool = True,
+    penalty: Penalty = "gnmt",
+) -> list[list[Hypothesis]]:
+    """Beam search over the model's KV cache. src: (B, S) right-padded source ids.
+
+    Returns, per sentence, the ``nbest`` best finished hypotheses sorted by score (best first), where
+    score = sum of token log-probs (eos included) / penalty(len), len counting eos, and penalty is GNMT
+    ``((5+len)/6)**alpha`` or ``len**alpha`` (``penalty="average"``), alpha = ``length_penalty``.
+
+    Each step scores ``beam_size * V`` extensions per sentence by raw summed log-prob and keeps the best
+    ``2 * beam_size`` (fairseq): eos candidates among the top ``beam_size`` are finished (normalised, then
+    merged into the sentence's ``beam_size`` best finished hypotheses); the best ``beam_size`` others go on.
+    A hypothesis reaching ``int(a * src_len + b)`` tokens is closed with eos (scored with its log-prob).
+
+    A sentence is done:
+      - ``early_stopping=True``: once it has ``beam_size`` finished hypotheses (fairseq);
+      - ``early_stopping=False``: once it has ``beam_size`` finished hypotheses and no live beam can still beat the
+        worst of them, whatever its future length. Log-probs are <= 0, so a live beam's best possible score is
+        ``score / max(penalty(len + 1), penalty(max_len + 1))``; that is a true upper bound, so stopping never
+        loses a hypothesis that the beam could still have found (but it may search up to max length);
+      - in either case, at max length, or when no live beam has a finite score left.
+    Done sentences are dropped from the active batch (``state.reorder``), so they cost nothing afterwards.
+    A sentence gets fewer than ``nbest`` hypotheses only if the model gives eos probability 0 (scripted models).
+    """
+    if beam_size < 1 or not 1 <= nbest <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size=} {nbest=}")
+    alpha, K = length_penalty, beam_size
+    with torch.inference_mode():
+        eos = model.config.eos_id
+        banned = _banned_ids(model)
+        B, device = src.size(0), src.device
+        max_len = max_lengths(src, model.config.pad_id, max_len_a, max_len_b).to(device)  # (B,)
+        cap = int(max_len.max()) if B else 0
+
+        # finished hypotheses, kept as the K best per sentence (sorted), -inf where empty
+        fin_scores = torch.full((B, K), -math.inf, device=device)  # (B, K)
+        fin_tokens = torch.full((B, K, cap), model.config.pad_id, dtype=torch.long, device=device)  # (B, K, cap)
+        fin_lens = torch.zeros((B, K), dtype=torch.long, device=device)  # (B, K) without eos
+
+        # encode once, then copy each sentence's state K times: row = sentence * K + beam
+        state = model.init_state(src)
+        state.reorder(torch.arange(B, device=device).repeat_interleave(K))
+        active = torch.arange(B, device=device)  # (A,) original index of each live sentence
+        act_max = max_len  # (A,)
+        tokens = torch.empty((B * K, 0), dtype=torch.long, device=device)  # (A*K, t) generated so far
+        last = torch.full((B * K, 1), model.start_id, dtype=torch.long, device=device)  # (A*K, 1)
+        # all beams start identical: only beam 0 may be extended at step 0
+        scores = torch.full((B, K), -math.inf, device=device)  # (A, K) summed log-probs of live beams
+        scores[:, 0] = 0.0
+        beam_offsets = torch.arange(2 * K, device=device)  # (2K,) candidate ranks
+
+        for t in range(cap + 1):  # t = tokens generated so far; the next one has length t + 1 with eos
+            A = active.numel()
+            if A == 0:
+                break
+            force_eos = (act_max == t).repeat_interleave(K)  # (A*K,)
+            lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A*K, V)
+            V = lprobs.size(-1)
+            cand = (scores.unsqueeze(2) + lprobs.view(A, K, V)).view(A, K * V)  # (A, K*V)
+            cand_scores, cand_idx = cand.topk(2 * K, dim=1)  # (A, 2K) best first
+            cand_beam, cand_tok = cand_idx // V, cand_idx % V  # (A, 2K)
+            is_eos = cand_tok == eos  # (A, 2K)
+
+            # finish eos candidates ranked in the top K; merge them into the K best finished per sentence
+            new_fin = is_eos[:, :K] & cand_scores[:, :K].isfinite()  # (A, K)
+            if new_fin.any():
+                rows = torch.arange(A, device=device).unsqueeze(1)  # (A, 1)
+                normalised = cand_scores[:, :K] / length_factor(t + 1.0, alpha, penalty)  # (A, K)
+                new_scores = torch.where(new_fin, normalised, -math.inf)
+                new_tokens = tokens.view(A, K, t)[rows, cand_beam[:, :K]]  # (A, K, t)
+                new_tokens = torch.nn.functional.pad(new_tokens, (0, cap - t), value=model.config.pad_id)
+                all_scores = torch.cat([fin_scores[active], new_scores], 1)  # (A, 2K)
+                all_tokens = torch.cat([fin_tokens[active], new_tokens], 1)  # (A, 2K, cap)
+                all_lens = torch.cat([fin_lens[active], torch.full_like(fin_lens[active], t)], 1)  # (A, 2K)
+                best_scores, best = all_scores.topk(K, dim=1)  # (A, K)
+                fin_scores[active] = best_scores
+                fin_tokens[active] = all_tokens[rows, best]
+                fin_lens[active] = all_lens[rows, best]
+
+            # live beams: the K best non-eos candidates (eos ranks sort after every non-eos rank)
+            _, pick = torch.topk(is_eos * 2 * K + beam_offsets, K, dim=1, largest=False)  # (A, K)
+            next_beam = cand_beam.gather(1, pick)  # (A, K)
+            next_tok = cand_tok.gather(1, pick)  # (A, K)
+            next_scores = cand_scores.gather(1, pick)  # (A, K)
+
+            # which sentences are done after this step
+            act_fin = fin_scores[active]  # (A, K)
+            full = act_fin.isfinite().all(1)  # (A,) K finished hypotheses
+            best_live = next_scores.max(1).values  # (A,)
+            done = (act_max == t) | (best_live == -math.inf)
+            if early_stopping:
+                done |= full
+            else:
+                # largest divisor over the lengths a live beam can still end at (the factor is monotone)
+                longest = length_factor(act_max + 1.0, alpha, penalty)  # (A,)
+                shortest = length_factor(torch.full_like(best_live, t + 2.0), alpha, penalty)  # (A,)
+                reach = torch.maximum(longest, shortest)
+                done |= full & (act_fin.min(1).values >= best_live / reach)
+
+            # select the live beams' rows (and drop done sentences) in one reorder of the cache
+            keep = (~done).nonzero().squeeze(1)  # (A',)
+            index = (keep.unsqueeze(1) * K + next_beam[keep]).view(-1)  # (A'*K,)
+            if keep.numel() == 0:
+                break
+            state.reorder(index)
+            tokens = torch.cat([tokens[index], next_tok[keep].view(-1, 1)], 1)  # (A'*K, t+1)
+            last = next_tok[keep].view(-1, 1)  # (A'*K, 1)
+            scores = next_scores[keep]  # (A', K)
+            active, act_max = active[keep], act_max[keep]
+
+        hyps = []
+        for toks, lens, scs in zip(fin_tokens[:, :nbest].tolist(), fin_lens[:, :nbest].tolist(),
+                                   fin_scores[:, :nbest].tolist()):
+            hyps.append([Hypothesis(tok[:n], s) for tok, n, s in zip(toks, lens, scs) if s != -math.inf])
+        return hyps
