@@ -79,11 +79,12 @@ class Positions(nn.Module):
         if bound <= have:
             return
         n = max(bound, 2 * have)
+        # .to(old table): keep device and dtype, so a model cast to bf16/float64 stays so past the first 256
         if self.kind == "sinusoidal":
-            self.table = sinusoidal_table(n, self.dim).to(self.table.device)
+            self.table = sinusoidal_table(n, self.dim).to(self.table)
         else:
             cos, sin = build_rope_cache(n, self.head_dim, self.rope_base)
-            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+            self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
 
     def forward(self, pos: Tensor, bound: int) -> Tensor | tuple[Tensor, Tensor]:
         """pos (B, L) -> embedding (B, L, D), or rope (cos, sin) each (B, 1, L, hs)."""

@@ -1,0 +1,58 @@
+"""Load what translation needs from a `.ckpt` safely: `torch.load(weights_only=True)`, no arbitrary pickles."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from translator.config import DecoderOnlyConfig, Seq2SeqConfig
+from translator.decoder_only import DecoderOnlyTransformer
+from translator.seq2seq import Seq2SeqTransformer
+from translator.tokenizer import Tokenizer
+
+ARCHS = {"seq2seq": (Seq2SeqConfig, Seq2SeqTransformer), "decoder_only": (DecoderOnlyConfig, DecoderOnlyTransformer)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or not a translator checkpoint."""
+
+
+def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The raw checkpoint dict, loaded with weights_only=True; clear errors for every way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain containers "
+            f"(weights_only=True rejected it: {first})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+    if not isinstance(ckpt, dict) or "translator" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a translator checkpoint (no 'translator' entry); was it made by another program?")
+    return ckpt
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, checkpoint's `translator` entry) from a translator `.ckpt`."""
+    ckpt = read(path, map_location)
+    meta = ckpt["translator"]
+    if meta.get("arch") not in ARCHS:
+        raise CheckpointError(f"{path}: unknown architecture {meta.get('arch')!r}")
+    config_class, model_class = ARCHS[meta["arch"]]
+    try:
+        model = model_class(config_class(**meta["config"]))
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model.load_state_dict(state)
+        tokenizer = Tokenizer.from_bytes(meta["tokenizer"].numpy().tobytes())
+    except (TypeError, RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: inconsistent translator checkpoint: {err}") from None
+    return model.to(map_location).eval(), tokenizer, meta

@@ -1,0 +1,287 @@
+"""LightningModules: one base that owns loss, metrics, optimiser and schedule; one thin subclass per architecture.
+
+The checkpoint is self-contained: `save_hyperparameters` stores the constructor arguments, and
+`on_save_checkpoint` adds the model config and the SentencePiece model (as a uint8 tensor), so that
+`translator.checkpoint.load` can rebuild model and tokenizer from the `.ckpt` alone, with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from translator import generate
+from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfig
+from translator.decoder_only import DecoderOnlyTransformer
+from translator.metrics import BLEU, CHRF
+from translator.seq2seq import Seq2SeqTransformer
+from translator.tokenizer import PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "translator"  # where on_save_checkpoint puts {arch, config, format}; absent in foreign files
+CHECKPOINT_FORMAT = 1
+
+
+class TranslationModule(L.LightningModule):
+    """Base module. Subclasses set `arch`, `config_class` and `model_class`.
+
+    Args:
+        preset: model size preset (`tiny`, `small`, `base`); the arguments below that are not None override it.
+        vocab_size: linked from the DataModule by the CLI.
+        lr, warmup_steps, schedule: peak learning rate; linear warmup, then inverse square root decay
+            (`inverse_sqrt`) or cosine decay to zero at `max_steps` (`cosine`).
+        label_smoothing, weight_decay: as usual; no decay on norms, biases and embeddings.
+        bleu_every: compute greedy BLEU/chrF every n-th validation run (0: never).
+        bleu_sentences: decode at most this many validation sentences per rank for BLEU (None: all).
+        test_beam_size: beam size for `translator test` (1: greedy).
+        compile: wrap the training forward in `torch.compile`.
+    """
+
+    arch: str
+    config_class: type[TransformerConfig]
+    model_class: type[nn.Module]
+
+    def __init__(
+        self,
+        preset: str = "base",
+        vocab_size: int = 8000,
+        d_model: int | None = None,
+        n_heads: int | None = None,
+        d_ff: int | None = None,
+        dropout: float | None = None,
+        attn_dropout: float | None = None,
+        positions: str | None = None,
+        activation: str | None = None,
+        norm_first: bool | None = None,
+        tie_embeddings: bool | None = None,
+        lr: float = 1e-3,
+        warmup_steps: int = 1000,
+        schedule: str = "inverse_sqrt",
+        label_smoothing: float = 0.1,
+        weight_decay: float = 0.01,
+        bleu_every: int = 1,
+        bleu_sentences: int | None = None,
+        test_beam_size: int = 5,
+        length_penalty: float = 1.0,
+        compile: bool = False,
+        **model_overrides: Any,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("inverse_sqrt", "cosine"):
+            raise ValueError(f"schedule={schedule!r}: expected 'inverse_sqrt' or 'cosine'")
+        self.save_hyperparameters()
+        self.config = self.config_class.preset(
+            preset,
+            vocab_size=vocab_size,
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            positions=positions,
+            activation=activation,
+            norm_first=norm_first,
+            tie_embeddings=tie_embeddings,
+            **model_overrides,
+        )
+        self.model = self.model_class(self.config)
+        self.tokenizer: Tokenizer | None = None
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.val_loss, self.val_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
+        self.val_bleu, self.val_chrf = BLEU(), CHRF()
+        self.test_loss, self.test_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
+        self.test_bleu, self.test_chrf = BLEU(), CHRF()
+        self._val_runs = 0
+        self._decoded = 0
+        self._signature_logged = False
+        self._tokens, self._clock = 0, None
+
+    # ---- tokenizer plumbing --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = datamodule.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("no tokenizer: give the Trainer a TranslationDataModule or load a translator checkpoint")
+        if self.tokenizer.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"vocab size mismatch: the tokenizer has {self.tokenizer.vocab_size} pieces but the model was built "
+                f"for vocab_size={self.config.vocab_size}; set --data.vocab_size (or --model.init_args.vocab_size) "
+                "to match, or retrain the tokenizer"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.arch,
+            "config": self.config.to_dict(),
+            "tokenizer": torch.frombuffer(bytearray(self.tokenizer.to_bytes()), dtype=torch.uint8),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].numpy().tobytes())
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """src (B, S), tgt (B, T) -> logits (B, T, V)."""
+        return self.model(src, tgt)
+
+    def _loss(self, batch: dict[str, Tensor], label_smoothing: float, forward=None) -> tuple[Tensor, Tensor]:
+        """Mean token cross-entropy over non-pad target tokens; also returns logits (B, T, V)."""
+        tgt = batch["tgt"]
+        logits = (forward or self.model)(batch["src"], tgt[:, :-1])
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing
+        )
+        return loss, logits
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if self.trainer is not None and self.trainer.training:
+            # counted on the host before the copy to the GPU: no device sync for the tokens/s display
+            self._tokens += int((batch["src"] != PAD_ID).sum()) + int((batch["tgt"][:, 1:] != PAD_ID).sum())
+        return batch
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch, self.hparams.label_smoothing, self._forward)
+        self.log("train/loss", loss, prog_bar=True)
+        now = time.perf_counter()
+        if self._clock is not None and now > self._clock:
+            self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
+        if self._clock is None or now - self._clock > 10:
+            self._clock, self._tokens = now, 0
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        for p in {id(p): p for p in self.model.parameters()}.values():
+            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=(0.9, 0.98),
+            eps=1e-9,
+            fused=self.device.type == "cuda",
+        )
+        warmup = max(1, self.hparams.warmup_steps)
+        total = max(warmup + 1, int(self.trainer.estimated_stepping_batches)) if self.trainer else warmup + 1
+
+        def lr_lambda(step: int) -> float:
+            step += 1
+            if step < warmup:
+                return step / warmup
+            if self.hparams.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+            return math.sqrt(warmup / step)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Any], loss_metric, ppl_metric, bleu, chrf, decode: bool, beam: int):
+        loss, logits = self._loss(batch, 0.0)
+        n = (batch["tgt"][:, 1:] != PAD_ID).sum()
+        loss_metric.update(loss, weight=n)
+        ppl_metric.update(logits.float(), batch["tgt"][:, 1:])
+        if decode:
+            hyps = self.translate_ids(batch["src"], beam)
+            bleu.update(hyps, batch["tgt_text"])
+            chrf.update(hyps, batch["tgt_text"])
+            self._decoded += len(hyps)
+
+    def translate_ids(self, src: Tensor, beam: int = 1) -> list[str]:
+        """Detokenised translations of a padded source batch (B, S)."""
+        if beam <= 1:
+            ids = generate.greedy(self.model, src)
+        else:
+            ids = [h[0].tokens for h in generate.beam_search(self.model, src, beam, self.hparams.length_penalty)]
+        return self.tokenizer.decode(ids)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_runs += 1
+        self._decoded = 0
+
+    def _bleu_due(self) -> bool:
+        return self.hparams.bleu_every > 0 and self._val_runs % self.hparams.bleu_every == 0
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        limit = self.hparams.bleu_sentences
+        decode = self._bleu_due() and (limit is None or self._decoded < limit)
+        self._evaluate(batch, self.val_loss, self.val_ppl, self.val_bleu, self.val_chrf, decode, 1)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/ppl", self.val_ppl.compute(), prog_bar=True)
+        self.val_loss.reset(), self.val_ppl.reset()
+        if self._bleu_due():
+            self.log("val/bleu", self.val_bleu.compute(), prog_bar=True)
+            self.log("val/chrf", self.val_chrf.compute())
+            self._log_signature(self.val_bleu, self.val_chrf)
+        self.val_bleu.reset(), self.val_chrf.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        beam = self.hparams.test_beam_size
+        self._evaluate(batch, self.test_loss, self.test_ppl, self.test_bleu, self.test_chrf, True, beam)
+
+    def on_test_epoch_end(self) -> None:
+        for name, metric in [("loss", self.test_loss), ("ppl", self.test_ppl), ("bleu", self.test_bleu),
+                             ("chrf", self.test_chrf)]:
+            self.log(f"test/{name}", metric.compute())
+            metric.reset()
+        self._log_signature(self.test_bleu, self.test_chrf)
+
+    def _log_signature(self, bleu, chrf) -> None:
+        if not self._signature_logged and self.trainer.is_global_zero:
+            log.info("sacreBLEU signatures: BLEU %s | chrF %s", bleu.signature, chrf.signature)
+            self._signature_logged = True
+
+
+class Seq2SeqModule(TranslationModule):
+    """The encoder-decoder Transformer (`translator.seq2seq`)."""
+
+    arch, config_class, model_class = "seq2seq", Seq2SeqConfig, Seq2SeqTransformer
+
+    def __init__(self, n_encoder_layers: int | None = None, n_decoder_layers: int | None = None, **kwargs: Any) -> None:
+        super().__init__(n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers, **kwargs)
+
+
+class DecoderOnlyModule(TranslationModule):
+    """The decoder-only Transformer over `source <sep> target` (`translator.decoder_only`).
+
+    Args:
+        prefix_mode: `bidirectional` (prefix-LM) or `causal` (the plain recipe).
+        segment_embeddings: add a learned source/target embedding.
+        rope_restart: restart position ids at `<sep>`.
+    """
+
+    arch, config_class, model_class = "decoder_only", DecoderOnlyConfig, DecoderOnlyTransformer
+
+    def __init__(
+        self,
+        n_layers: int | None = None,
+        prefix_mode: str | None = None,
+        segment_embeddings: bool | None = None,
+        rope_restart: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            n_layers=n_layers,
+            prefix_mode=prefix_mode,
+            segment_embeddings=segment_embeddings,
+            rope_restart=rope_restart,
+            **kwargs,
+        )
+
+
+MODULES = {cls.arch: cls for cls in (Seq2SeqModule, DecoderOnlyModule)}
