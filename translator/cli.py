@@ -21,9 +21,9 @@ class TranslatorCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> TranslatorCLI:
+def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return TranslatorCLI(
+    TranslatorCLI(
         TranslationModule,
         TranslationDataModule,
         subclass_mode_model=True,
