@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,13 +28,17 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" not in str(err):  # not a pickle at all: text, garbage, a truncated file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+        detail = next((line for line in str(err).splitlines() if "Unsupported" in line), "").strip()
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain containers "
-            f"(weights_only=True rejected it: {first})"
+            f"{path}: refused to load: it holds pickled objects other than tensors and plain containers, which "
+            f"could run arbitrary code ({detail or 'weights_only=True rejected it'})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {err}") from None
+    except Exception as err:  # torch raises many types here (RuntimeError, EOFError, KeyError, BadZipFile, ...)
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(ckpt, dict) or "translator" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a translator checkpoint (no 'translator' entry); was it made by another program?")
     return ckpt

@@ -1,0 +1,274 @@
+"""`translator.translate` and `scripts/translate.py`, against checkpoints trained by the real CLI.
+
+One session fixture runs `translator fit --config configs/debug.yaml` for both architectures at once (one thread
+each, in temporary directories, with the shared test tokenizer); the tests then translate with the library in-process,
+run the script end to end in subprocesses (arguments, stdin, --input/--output, n-best TSV, --reference, --attention),
+and call its `main()` in-process for the error paths (cheaper than a process each).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from translator import checkpoint
+from translator.translate import attention_map, recompute_attention, token_batches, translate
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "translate.py"
+MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+SENTENCES = [
+    "Ein Mann fährt Fahrrad.",
+    "",
+    "Zwei Hunde spielen im Schnee und ein kleines Mädchen schaut ihnen vom Fenster aus zu.",
+    "   ",
+    "Eine Frau.",
+]
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{arch: last.ckpt} from `translator fit` on configs/debug.yaml (20 steps), both runs in parallel."""
+    root = tmp_path_factory.mktemp("fit")
+    tokenizer.save(root / "tokenizer.model")
+    runs = {}
+    for arch, class_path in MODULES.items():
+        run_dir = root / arch
+        run_dir.mkdir()
+        cmd = [
+            sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
+            "--model.class_path", class_path,
+            "--data.path", str(MULTI30K),
+            "--data.tokenizer", str(root / "tokenizer.model"),  # the shared test tokenizer: no training here
+            "--trainer.max_steps", "20",
+            "--trainer.default_root_dir", str(run_dir),
+            "--trainer.enable_progress_bar", "false",
+        ]
+        # cwd = run_dir: the config's relative output paths (checkpoints/..., tokenizer_dir) land in the tmp dir
+        runs[arch] = (run_dir, subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True))
+    found = {}
+    for arch, (run_dir, proc) in runs.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"translator fit ({arch}) failed:\n{log[-3000:]}"
+        ckpts = sorted(run_dir.rglob("last.ckpt"))
+        assert len(ckpts) == 1, f"expected one last.ckpt under {run_dir}, found {ckpts}\n{log[-2000:]}"
+        found[arch] = ckpts[0]
+    return found
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoints):
+    return {arch: checkpoint.load(path) for arch, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def script():
+    """scripts/translate.py as a module, for in-process `main(argv) -> exit code`."""
+    spec = importlib.util.spec_from_file_location("translate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], input=stdin, capture_output=True, env=ENV,
+                          cwd=REPO, timeout=300)
+
+
+# ---- library -----------------------------------------------------------------------------------------------------
+def test_token_batches_respect_the_budget_and_cover_every_nonempty_sequence():
+    lengths = [5, 0, 9, 3, 3, 20, 1, 0, 7]
+    batches = token_batches(lengths, batch_tokens=12)
+    assert sorted(i for b in batches for i in b) == [i for i, n in enumerate(lengths) if n]
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 12
+    assert batches[0] == [5]  # longest first, alone since it exceeds the budget
+
+
+@pytest.mark.parametrize("arch", MODULES)
+def test_translate_keeps_order_count_and_empty_lines(loaded, arch):
+    model, tokenizer, _ = loaded[arch]
+    results = translate(model, tokenizer, SENTENCES, beam=3, nbest=2)
+    assert len(results) == len(SENTENCES)
+    for sentence, hyps in zip(SENTENCES, results):
+        if sentence.strip():
+            assert 1 <= len(hyps) <= 2
+            assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+            assert all(h.text == tokenizer.decode([h.tokens])[0] for h in hyps)
+        else:
+            assert [(h.tokens, h.text) for h in hyps] == [([], "")]
+    # one sentence per batch (in another order) gives the same translations: the order is restored
+    alone = translate(model, tokenizer, SENTENCES, beam=3, nbest=2, batch_tokens=1)
+    assert [[h.text for h in hyps] for hyps in alone] == [[h.text for h in hyps] for hyps in results]
+    reversed_ = translate(model, tokenizer, SENTENCES[::-1], beam=3, nbest=2)
+    assert [h[0].text for h in reversed_[::-1]] == [h[0].text for h in results]
+
+
+def test_long_input_is_truncated_with_a_warning_naming_the_line(loaded, caplog):
+    model, tokenizer, _ = loaded["seq2seq"]
+    long = " ".join(["Ein Mann fährt Fahrrad."] * 20)
+    with caplog.at_level(logging.WARNING, logger="translator.translate"):
+        results = translate(model, tokenizer, ["Ein Hund.", "", long], beam=2, max_input_tokens=10)
+    assert len(results) == 3
+    assert len(caplog.records) == 1 and "line 3" in caplog.text and "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("arch", MODULES)
+def test_recomputed_attention_reproduces_the_module_output(loaded, arch):
+    """softmax(q k^T / sqrt(hs)) recomputed from the captured inputs, times v, through `out`, equals what the
+    module returned in the forward pass: the heatmap shows the weights the model really used."""
+    model, tokenizer, _ = loaded[arch]
+    attn = model.decoder[-1].cross_attn if arch == "seq2seq" else model.blocks[-1].self_attn
+    src_ids = tokenizer.encode(["Ein Mann fährt Fahrrad."])[0]
+    tgt_ids = tokenizer.encode(["A man rides a bike."])[0]
+    seen = {}
+    handle = attn.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([src_ids]), torch.tensor([[model.config.bos_id, *tgt_ids]]))
+    finally:
+        handle.remove()
+    x, y, mask, is_causal, rope = (list(seen["args"]) + [None, False, None])[:5]
+    probs, v = recompute_attention(attn, x, y, mask, is_causal, rope)
+    out = attn.out((probs @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, seen["out"], rtol=1e-4, atol=1e-5)
+
+    amap = attention_map(model, tokenizer, src_ids, tgt_ids)
+    assert amap.weights.shape == (len(tgt_ids) + 1, len(src_ids))
+    assert amap.source == tokenizer.pieces(src_ids) and amap.target[-1] == "</s>"
+    row_sums = amap.weights.sum(1)
+    if arch == "seq2seq":  # cross-attention rows are distributions over the source
+        torch.testing.assert_close(row_sums, torch.ones_like(row_sums))
+    else:  # decoder-only rows: the share of attention that goes to the source prefix
+        assert ((row_sums > 0) & (row_sums <= 1 + 1e-5)).all()
+
+
+# ---- the script, end to end --------------------------------------------------------------------------------------
+def test_script_input_file_output_nbest_reference_attention(checkpoints, tmp_path):
+    src = tmp_path / "in.de.gz"
+    long = " ".join(["Zwei Hunde spielen im Schnee."] * 10)
+    lines = ["Ein Mann fährt Fahrrad.", "", long, "Eine Frau."]
+    src.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    ref = tmp_path / "ref.en"
+    ref.write_text("A man rides a bike.\n\nTwo dogs play in the snow.\nA woman.\n", encoding="utf-8")
+    out, png = tmp_path / "out.tsv", tmp_path / "attn.png"
+    proc = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--input", str(src), "--output", str(out),
+                      "--beam", "2", "--nbest", "2", "--reference", str(ref), "--attention", str(png),
+                      "--max-input-tokens", "16")
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and proc.stdout == b""
+    rows = [row.split("\t") for row in out.read_text(encoding="utf-8").splitlines()]
+    assert all(len(row) == 4 for row in rows)
+    assert sorted({int(row[0]) for row in rows}) == [1, 2, 3, 4]  # every input line, the empty one included
+    for line_no in (1, 3, 4):
+        ranks = [(int(r[1]), float(r[2])) for r in rows if r[0] == str(line_no)]
+        assert [r for r, _ in ranks] == [1, 2] and ranks[0][1] >= ranks[1][1]
+    assert [r[1:] for r in rows if r[0] == "2"] == [["1", "0.0000", ""]]
+    assert "line 3" in stderr and "truncated" in stderr  # the over-long line, still translated
+    assert "BLEU = " in stderr and "chrF2 = " in stderr and "nrefs:1|case:mixed" in stderr and "nc:6" in stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_script_stdin_keeps_the_line_count_decoder_only(checkpoints, tmp_path):
+    png = tmp_path / "attn.png"
+    text = "\n".join(SENTENCES) + "\n\n"  # ends with an empty line too
+    proc = run_script("--checkpoint", str(checkpoints["decoder_only"]), "--beam", "2", "--attention", str(png),
+                      stdin=text.encode())
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode().split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(SENTENCES) + 1
+    assert [o == "" for o, s in zip(out, SENTENCES) if not s.strip()] == [True, True]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_script_sentences_as_arguments(checkpoints):
+    proc = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--beam", "1", "Ein Hund läuft.", "Eine Frau.")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout.decode().splitlines()) == 2
+
+
+def test_script_missing_checkpoint_exits_2_without_traceback(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    proc = run_script("--checkpoint", str(missing), "Ein Hund.")
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 2 and str(missing) in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+# ---- error paths, in-process -------------------------------------------------------------------------------------
+def corrupt(path: Path, real: Path) -> None:
+    path.write_bytes(real.read_bytes()[:2000])  # a truncated zip archive
+
+
+def foreign(path: Path, real: Path) -> None:
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 3}, path)  # a plain Lightning-like dict
+
+
+def not_a_checkpoint(path: Path, real: Path) -> None:
+    path.write_bytes(b"\x00\x01 not a checkpoint at all")
+
+
+@pytest.mark.parametrize("make", [corrupt, foreign, not_a_checkpoint])
+def test_bad_checkpoint_is_one_clear_line_and_exit_2(script, checkpoints, tmp_path, capsys, make):
+    bad = tmp_path / f"{make.__name__}.ckpt"
+    make(bad, checkpoints["seq2seq"])
+    assert script.main(["--checkpoint", str(bad), "Ein Hund."]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "error" in err
+
+
+def test_non_utf8_input_names_file_and_line(script, checkpoints, tmp_path, capsys):
+    src = tmp_path / "latin1.de"
+    src.write_bytes("Ein Hund.\n\nGrüße aus Köln.\n".encode("latin-1"))
+    assert script.main(["--checkpoint", str(checkpoints["seq2seq"]), "--input", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and "line 3" in err and "UTF-8" in err
+
+
+def test_non_utf8_stdin_names_the_line(script, checkpoints, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xff\xfe\n")))
+    assert script.main(["--checkpoint", str(checkpoints["seq2seq"])]) == 2
+    err = capsys.readouterr().err
+    assert "<stdin>" in err and "line 2" in err
+
+
+def test_reference_line_count_must_match(script, checkpoints, tmp_path, capsys):
+    ref = tmp_path / "ref.en"
+    ref.write_text("one\ntwo\nthree\n", encoding="utf-8")
+    assert script.main(["--checkpoint", str(checkpoints["seq2seq"]), "--reference", str(ref), "Ein Hund."]) == 2
+    err = capsys.readouterr().err
+    assert str(ref) in err and "3 reference lines" in err and "1 lines" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--checkpoint", "x.ckpt", "--beam", "2", "--nbest", "3", "a"],
+    ["--checkpoint", "x.ckpt", "--beam", "0", "a"],
+    ["--checkpoint", "x.ckpt", "--device", "tpu", "a"],
+    ["--checkpoint", "x.ckpt", "--input", "f.de", "a"],
+    ["a"],
+])
+def test_bad_arguments_are_argparse_errors(script, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(script, checkpoints, capsys):
+    assert script.main(["--checkpoint", str(checkpoints["seq2seq"]), "--device", "cuda", "Ein Hund."]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err

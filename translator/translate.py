@@ -1,0 +1,240 @@
+"""Library side of `scripts/translate.py`: batched translation of raw sentences, and attention heatmaps.
+
+    model, tokenizer, _ = checkpoint.load("checkpoints/encdec/last.ckpt")
+    best = [hyps[0].text for hyps in translate(model, tokenizer, ["Ein Hund läuft."], beam=5)]
+
+`translate` tokenises, truncates over-long sources (with a warning naming the line), sorts the sentences by length
+and packs them into batches under a source-token budget, runs `generate.beam_search` (bf16 autocast on CUDA), and
+returns the n-best list of each sentence in input order. Empty sentences are not decoded: they get one empty
+translation with score 0.
+
+`attention_map` recomputes attention weights from the model's own modules without changing the model: a forward
+pre-hook captures the inputs of the last decoder layer's attention module, and the weights are recomputed from its
+`qkv` projection as softmax(q k^T / sqrt(hs)) under the same mask. Encoder-decoder: that layer's cross-attention,
+(target x source). Decoder-only: the last block's self-attention, rows of the target positions restricted to the
+source prefix (so a row sums to the share of attention that goes to the source, <= 1).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from translator.decoder_only import DecoderOnlyTransformer
+from translator.generate import Hypothesis, beam_search
+from translator.layers import Attention, apply_rope
+from translator.seq2seq import Seq2SeqTransformer
+from translator.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Translation(Hypothesis):
+    """A hypothesis (`tokens` without bos/eos, length-normalised `score`) with its detokenised `text`."""
+
+    text: str = ""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a ValueError, not a late crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def encode_sources(tokenizer: Tokenizer, sentences: list[str], max_input_tokens: int = 256) -> list[list[int]]:
+    """Token ids per sentence (stripped); those over `max_input_tokens` are cut, with a warning naming the line
+    (1-based position in `sentences`)."""
+    if max_input_tokens < 1:
+        raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+    ids = tokenizer.encode([s.strip() for s in sentences])
+    for i, seq in enumerate(ids):
+        if len(seq) > max_input_tokens:
+            log.warning("line %d: %d tokens, truncated to the first %d (max_input_tokens)", i + 1, len(seq),
+                        max_input_tokens)
+            ids[i] = seq[:max_input_tokens]
+    return ids
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of non-empty sequences, longest first, grouped so that a batch's padded source (rows x longest)
+    stays within `batch_tokens`; a sequence longer than the budget goes alone. Similar lengths share a batch, so
+    little is spent on padding; the longest batch comes first, so running out of memory shows at once."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted longest first, so the batch's first sequence sets its width
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pad(seqs: list[list[int]], device: torch.device | str = "cpu") -> Tensor:
+    """Right-pad id lists into (B, S) int64."""
+    out = torch.full((len(seqs), max(map(len, seqs))), PAD_ID, dtype=torch.long)
+    for row, seq in zip(out, seqs):
+        row[: len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out.to(device)
+
+
+def translate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    beam: int = 5,
+    nbest: int = 1,
+    length_penalty: float = 1.0,
+    batch_tokens: int = 4096,
+    max_input_tokens: int = 256,
+    device: torch.device | str | None = None,
+) -> list[list[Translation]]:
+    """Translate raw sentences; returns, in input order, each sentence's best `nbest` translations, best first.
+
+    `batch_tokens` bounds the padded source tokens of a batch (the search holds `beam` rows per sentence).
+    `device`: where to run (the model is moved there); None keeps the model where it is. On CUDA the search runs
+    under bf16 autocast (the log-probs themselves are float32, see `generate`).
+    """
+    if beam < 1 or not 1 <= nbest <= beam:
+        raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    model.eval()
+    sources = encode_sources(tokenizer, sentences, max_input_tokens)
+    results: list[list[Translation]] = [[Translation([], 0.0, "")] for _ in sentences]
+    for batch in token_batches([len(s) for s in sources], batch_tokens):
+        src = pad([sources[i] for i in batch], device)  # (B, S)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hyps = beam_search(model, src, beam, length_penalty, nbest=nbest)
+        for i, sentence_hyps in zip(batch, hyps):
+            texts = tokenizer.decode([h.tokens for h in sentence_hyps])
+            results[i] = [Translation(h.tokens, h.score, t) for h, t in zip(sentence_hyps, texts)]
+    return results
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMap:
+    """weights (T, S), averaged over heads: row t is the target position that predicts `target[t]`, column s the
+    source piece `source[s]`."""
+
+    weights: Tensor
+    source: list[str]
+    target: list[str]
+
+
+def recompute_attention(attn: Attention, x: Tensor, y: Tensor | None, mask: Tensor | None = None,
+                        is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The probabilities and values that `attn(x, y, mask, is_causal, rope)` feeds to SDPA (no cache, no dropout).
+
+    x (B, Lq, D), y (B, Lk, D) (`y is x`: self-attention). Returns probs (B, nh, Lq, Lk) in float32 and
+    v (B, nh, Lk, hs), so that `attn.out((probs @ v).transpose(1, 2).flatten(2))` equals the module's output.
+    """
+    x = x.float()
+    B, Lq, D = x.shape
+    weight = attn.qkv.weight.float()
+    bias = None if attn.qkv.bias is None else attn.qkv.bias.float()
+    heads = lambda t: t.view(B, t.size(1), attn.n_heads, D // attn.n_heads).transpose(1, 2)  # noqa: E731
+    if y is x:
+        q, k, v = map(heads, F.linear(x, weight, bias).split(D, dim=-1))  # (B, nh, L, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    else:
+        b_q, b_kv = (None, None) if bias is None else (bias[:D], bias[D:])
+        q = heads(F.linear(x, weight[:D], b_q))  # (B, nh, Lq, hs)
+        k, v = map(heads, F.linear(y.float(), weight[D:], b_kv).split(D, dim=-1))  # (B, nh, Lk, hs)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Lq, Lk)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(Lq, k.size(2), dtype=torch.bool, device=x.device).tril(), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return scores.softmax(-1), v
+
+
+def _capture_inputs(module: nn.Module, run) -> inspect.BoundArguments:
+    """Run `run()` and return the arguments of the (last) call of `module`, bound to its forward's signature."""
+    calls: list[inspect.BoundArguments] = []
+    signature = inspect.signature(module.forward)
+
+    def hook(_module, args, kwargs):
+        calls.append(signature.bind(*args, **kwargs))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    if not calls:
+        raise RuntimeError(f"{type(module).__name__} was not called")
+    bound = calls[-1]
+    bound.apply_defaults()
+    return bound
+
+
+def attention_map(model: nn.Module, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int]) -> AttentionMap:
+    """Head-averaged attention of the last decoder layer for one sentence and its translation (ids without bos/eos).
+
+    Target rows are labelled with the pieces they predict (`tgt_ids` then `</s>`), source columns with the source
+    pieces. Runs one teacher-forced forward pass in float32.
+    """
+    if not src_ids:
+        raise ValueError("attention_map needs a non-empty source")
+    device = next(model.parameters()).device
+    src = torch.tensor([src_ids], device=device)  # (1, S)
+    tgt = torch.tensor([[model.config.bos_id, *tgt_ids]], device=device)  # (1, T), decoder-only swaps bos for sep
+    if isinstance(model, Seq2SeqTransformer):
+        attn = model.decoder[-1].cross_attn
+    elif isinstance(model, DecoderOnlyTransformer):
+        attn = model.blocks[-1].self_attn
+    else:
+        raise TypeError(f"attention_map supports Seq2SeqTransformer and DecoderOnlyTransformer, not {type(model)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            a = _capture_inputs(attn, lambda: model(src, tgt)).arguments
+            probs, _ = recompute_attention(attn, a["x"], a["y"], a["mask"], a["is_causal"], a["rope"])
+    finally:
+        model.train(was_training)
+    weights = probs[0].mean(0)  # (Lq, Lk)
+    if isinstance(model, DecoderOnlyTransformer):
+        S = len(src_ids)
+        weights = weights[S:, :S]  # target rows (<sep> y1 .. yn) over the source prefix
+    return AttentionMap(weights.cpu(), tokenizer.pieces(src_ids), tokenizer.pieces([*tgt_ids, EOS_ID]))
+
+
+def plot_attention(amap: AttentionMap, path: str | Path, title: str | None = None) -> None:
+    """Write the heatmap as an image (format from the suffix, e.g. .png), with matplotlib's Agg canvas: no display,
+    no global pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    T, S = amap.weights.shape
+    fig = Figure(figsize=(min(40.0, max(4.5, 2.5 + 0.3 * S)), min(40.0, max(3.5, 2.0 + 0.3 * T))))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(amap.weights.numpy(), cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(S), labels=amap.source, rotation=90)
+    ax.set_yticks(range(T), labels=amap.target)
+    ax.set_xlabel("source")
+    ax.set_ylabel("target (predicted piece)")
+    if title:
+        ax.set_title(title, fontsize="small")
+    fig.colorbar(image, ax=ax, label="attention (mean over heads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
