@@ -1,0 +1,251 @@
+"""Building blocks: positional encodings (sinusoidal, learned, RoPE), attention, the causal mask.
+
+References are written independently here (plain formulas, complex numbers, an explicit softmax), not by calling
+the functions under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from translator.config import Seq2SeqConfig
+from translator.layers import (
+    Attention,
+    KVCache,
+    Positions,
+    apply_rope,
+    build_rope_cache,
+    causal_mask,
+    sinusoidal_table,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sinusoidal
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_matches_paper_formula():
+    n, d = 60, 16
+    expected = torch.empty(n, d, dtype=torch.float64)
+    for p in range(n):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            expected[p, 2 * i] = math.sin(angle)
+            expected[p, 2 * i + 1] = math.cos(angle)
+    torch.testing.assert_close(sinusoidal_table(n, d).double(), expected, rtol=0, atol=1e-6)  # float32 table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rope_reference(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Independent RoPE: rotate interleaved pairs as complex numbers, in the rotate-half layout.
+
+    x (..., L, hs) is in the rotate-half layout (dim i pairs with dim i + hs/2); pos (L,) integer positions.
+    """
+    hs = x.size(-1)
+    half = hs // 2
+    # rotate-half -> interleaved: (x0, x_h, x1, x_{h+1}, ...)
+    perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+    inter = x[..., perm].double()
+    z = torch.view_as_complex(inter.reshape(*inter.shape[:-1], half, 2).contiguous())  # (..., L, hs/2)
+    theta = torch.tensor([base ** (-2 * j / hs) for j in range(half)], dtype=torch.float64)
+    rot = torch.polar(torch.ones(len(pos), half, dtype=torch.float64), pos.double()[:, None] * theta)
+    out_inter = torch.view_as_real(z * rot).reshape(inter.shape)
+    out = torch.empty_like(out_inter)
+    out[..., perm] = out_inter  # back to rotate-half
+    return out
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """apply_rope on x (B, nh, L, hs) at positions pos (L,) via the library's cache."""
+    cos, sin = build_rope_cache(int(pos.max()) + 1, x.size(-1), base)
+    return apply_rope(x, cos[pos].to(x.dtype), sin[pos].to(x.dtype))
+
+
+@pytest.mark.parametrize("base", [10000.0, 500.0])
+def test_rope_matches_complex_reference(base):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 16, generator=g, dtype=torch.float64)
+    pos = torch.arange(40) * 7  # up to 273: angles of a few hundred radians
+    # the cache is float32 (cos/sin rounded to ~6e-8), so agreement is to ~1e-6, not to double precision
+    torch.testing.assert_close(rope(x, pos, base), rope_reference(x, pos, base), rtol=0, atol=1e-5)
+
+
+def test_rope_score_depends_only_on_relative_distance():
+    g = torch.Generator().manual_seed(1)
+    hs = 32
+    q, k = torch.randn(2, 1, 1, 1, hs, generator=g, dtype=torch.float64)
+
+    def score(pq: int, pk: int) -> float:
+        return float((rope(q, torch.tensor([pq])) * rope(k, torch.tensor([pk]))).sum())
+
+    for pq, pk in [(5, 2), (2, 5), (0, 0), (17, 3)]:
+        reference = score(pq, pk)
+        for shift in [1, 10, 100, 250]:
+            assert score(pq + shift, pk + shift) == pytest.approx(reference, abs=1e-5)  # float32 cos/sin
+    # and it does depend on the distance (else the check above is vacuous)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
+
+
+def test_rope_appending_tokens_keeps_earlier_rotations():
+    cfg = Seq2SeqConfig.preset("tiny", vocab_size=50, positions="rope")
+    positions = Positions(cfg)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, cfg.n_heads, 300, cfg.head_dim, generator=g)
+    pos = torch.arange(300).expand(2, 300)
+    short = apply_rope(x[:, :, :10], *positions(pos[:, :10], 10))
+    long = apply_rope(x, *positions(pos, 300))  # grows the 256-entry cache on the way
+    assert torch.equal(long[:, :, :10], short)  # bit-identical, not merely close
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Positions module
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "rope"])
+def test_positions_grow_past_initial_cache(kind):
+    cfg = Seq2SeqConfig.preset("tiny", vocab_size=50, positions=kind)
+    positions = Positions(cfg)
+    initial = (positions.table if kind == "sinusoidal" else positions.cos).size(0)
+    assert initial == 256
+    pos = torch.tensor([[0, 255, 256, 599, 600]])
+    out = positions(pos, 601)
+    if kind == "sinusoidal":
+        assert positions.table.size(0) >= 601
+        fresh = sinusoidal_table(positions.table.size(0), cfg.d_model)
+        assert torch.equal(positions.table, fresh)
+        assert torch.equal(out, fresh[pos])
+    else:
+        assert positions.cos.size(0) >= 601
+        cos, sin = build_rope_cache(positions.cos.size(0), cfg.head_dim, cfg.rope_base)
+        assert torch.equal(positions.cos, cos) and torch.equal(positions.sin, sin)
+        assert torch.equal(out[0], cos[pos].unsqueeze(1)) and torch.equal(out[1], sin[pos].unsqueeze(1))
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "rope"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_positions_grow_keeps_dtype(kind, dtype):
+    """A model cast with .double() / .to(bfloat16) must keep its tables in that dtype after they grow (else a bf16
+    model crashes on inputs longer than 256 tokens)."""
+    positions = Positions(Seq2SeqConfig.preset("tiny", vocab_size=50, positions=kind)).to(dtype)
+    positions(torch.tensor([[0, 400]]), 401)
+    for buf in positions.buffers():
+        assert buf.dtype == dtype and buf.size(0) > 400
+
+
+def test_learned_positions_refuse_to_grow():
+    positions = Positions(Seq2SeqConfig.preset("tiny", vocab_size=50, positions="learned", max_positions=16))
+    assert positions(torch.arange(16)[None], 16).shape == (1, 16, 32)
+    with pytest.raises(ValueError, match="max_positions"):
+        positions(torch.arange(17)[None], 17)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_attention(attn: Attention, x, y, allowed=None, rope_pos=None):
+    """softmax(Q K^T / sqrt(hs)) V by hand with attn's weights; allowed (B, 1|nh, Lq, Lk) bool or None."""
+    D, nh = x.size(-1), attn.n_heads
+    hs = D // nh
+    W, b = attn.qkv.weight, attn.qkv.bias
+    q = x @ W[:D].T + b[:D]
+    k = y @ W[D : 2 * D].T + b[D : 2 * D]
+    v = y @ W[2 * D :].T + b[2 * D :]
+
+    def heads(t):  # (B, L, D) -> (B, nh, L, hs)
+        return t.reshape(t.size(0), t.size(1), nh, hs).permute(0, 2, 1, 3)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    if rope_pos is not None:
+        q, k = rope_reference(q, rope_pos), rope_reference(k, rope_pos)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hs)  # (B, nh, Lq, Lk)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # (B, nh, Lq, hs)
+    out = out.permute(0, 2, 1, 3).reshape(x.size(0), x.size(1), D)
+    return out @ attn.out.weight.T + attn.out.bias
+
+
+def make_attention(seed: int = 0, **overrides) -> Attention:
+    torch.manual_seed(seed)
+    attn = Attention(Seq2SeqConfig.preset("tiny", vocab_size=50, **overrides)).double().eval()
+    with torch.no_grad():  # non-zero biases, so that a mis-sliced bias would show
+        attn.qkv.bias.normal_()
+        attn.out.bias.normal_()
+    return attn
+
+
+def key_padding(lengths: list[int], L: int) -> torch.Tensor:
+    """(B, 1, 1, L) bool, True at real keys."""
+    return (torch.arange(L)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+
+
+def test_self_attention_matches_reference():
+    attn = make_attention()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 32, generator=g, dtype=torch.float64)
+    mask = key_padding([7, 4, 1], 7)
+    torch.testing.assert_close(attn(x, x, mask), reference_attention(attn, x, x, mask), rtol=0, atol=1e-12)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(
+        attn(x, x, is_causal=True), reference_attention(attn, x, x, causal[None, None]), rtol=0, atol=1e-12
+    )
+
+
+def test_self_attention_with_rope_matches_reference():
+    attn = make_attention(positions="rope")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    pos = torch.arange(9)
+    cos, sin = build_rope_cache(9, 16)
+    out = attn(x, x, rope=(cos[pos].double()[None, None], sin[pos].double()[None, None]))
+    torch.testing.assert_close(out, reference_attention(attn, x, x, rope_pos=pos), rtol=0, atol=1e-5)  # f32 cache
+
+
+def test_cross_attention_cached_equals_uncached():
+    attn = make_attention()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 32, generator=g, dtype=torch.float64)
+    memory = torch.randn(3, 6, 32, generator=g, dtype=torch.float64)
+    mask = key_padding([6, 2, 5], 6)
+    uncached = attn(x, memory, mask)
+    cache = KVCache(*attn.project_kv(memory))
+    cached = attn(x, None, mask, cache=cache)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-12)
+    torch.testing.assert_close(uncached, reference_attention(attn, x, memory, mask), rtol=0, atol=1e-12)
+    # one query at a time against the cache gives the same rows
+    for t in range(4):
+        one = attn(x[:, t : t + 1], None, mask, cache=cache)
+        torch.testing.assert_close(one, uncached[:, t : t + 1], rtol=0, atol=1e-12)
+
+
+def test_self_attention_kv_cache_incremental_equals_full():
+    attn = make_attention()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 32, generator=g, dtype=torch.float64)
+    full = attn(x, x, is_causal=True)
+    cache = KVCache()
+    chunks = [3, 1, 2, 2]  # several tokens after cached ones need the offset causal mask
+    start, outs = 0, []
+    for n in chunks:
+        mask = causal_mask(n, start + n, x.device)
+        h = x[:, start : start + n]  # self-attention is recognised by `y is x`
+        outs.append(attn(h, h, mask, cache=cache))
+        start += n
+    assert cache.k.shape == (2, 2, 8, 16)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-12)
+
+
+def test_causal_mask_offsets():
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # 2 new tokens after 3 cached
+    assert torch.equal(causal_mask(2, 5, torch.device("cpu")), expected)
+    assert torch.equal(causal_mask(4, 4, torch.device("cpu")), torch.ones(4, 4, dtype=torch.bool).tril())

@@ -1,0 +1,368 @@
+"""Both architectures, all three position types: causality, padding invariance, cached decoding, gradients,
+overfitting real pairs, parameter counts, bf16 autocast, config validation.
+
+Exactness checks run in float64 (`.double()`), where the paths under comparison agree to ~1e-12; the padding checks
+run in float32 with atol 1e-5, the precision a real batch has.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from translator.config import DecoderOnlyConfig, Seq2SeqConfig
+from translator.decoder_only import DecoderOnlyTransformer
+from translator.seq2seq import Seq2SeqTransformer
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+V = 50  # vocabulary of the random-token tests; ids 5..V-1 are ordinary tokens
+ARCHS = ["seq2seq", "prefix-lm", "causal-lm"]
+POSITIONS = ["sinusoidal", "learned", "rope"]
+EXACT = dict(rtol=0, atol=1e-9)  # float64, same computation in a different order/shape
+
+
+def build(arch: str, positions: str = "sinusoidal", dtype=torch.float64, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if arch == "seq2seq":
+        model = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", vocab_size=V, positions=positions, **overrides))
+    else:
+        mode = "bidirectional" if arch == "prefix-lm" else "causal"
+        cfg = DecoderOnlyConfig.preset("tiny", vocab_size=V, positions=positions, prefix_mode=mode, **overrides)
+        model = DecoderOnlyTransformer(cfg)
+    return model.to(dtype).eval()
+
+
+def random_batch(src_lens: list[int], tgt_lens: list[int], seed: int = 0, src_width: int = 0, tgt_width: int = 0):
+    """src (B, S) right-padded ids; tgt (B, T+1) = <bos> y1..yn <eos>, right-padded; widths pad further."""
+    g = torch.Generator().manual_seed(seed)
+    S, T = max(max(src_lens), src_width), max(max(tgt_lens) + 2, tgt_width)
+    src = torch.full((len(src_lens), S), PAD_ID)
+    tgt = torch.full((len(tgt_lens), T), PAD_ID)
+    for b, (n, m) in enumerate(zip(src_lens, tgt_lens)):
+        src[b, :n] = torch.randint(5, V, (n,), generator=g)
+        ys = torch.randint(5, V, (m,), generator=g)
+        tgt[b, : m + 2] = torch.cat([torch.tensor([BOS_ID]), ys, torch.tensor([EOS_ID])])
+    return src, tgt
+
+
+def block_outputs(model, src, tgt) -> list[torch.Tensor]:
+    """Run forward and return every decoder-only block's output (B, S+T, D) via forward hooks."""
+    outs: list[torch.Tensor] = []
+    handles = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in model.blocks]
+    try:
+        model(src, tgt)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def decode_in_chunks(model, src, inputs, chunks: list[int]) -> torch.Tensor:
+    """init_state + decode_step over `inputs` (B, T) split into chunks -> logits (B, T, V)."""
+    state = model.init_state(src)
+    logits, start = [], 0
+    for n in chunks:
+        logits.append(model.decode_step(inputs[:, start : start + n], state))
+        start += n
+    assert start == inputs.size(1)
+    return torch.cat(logits, dim=1)
+
+
+def decoder_inputs(model, tgt: torch.Tensor) -> torch.Tensor:
+    """What the decode-step interface is fed for teacher-forced `tgt[:, :-1]`: start_id, then y1.. ."""
+    inputs = tgt[:, :-1].clone()
+    inputs[:, 0] = model.start_id
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causality and masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_future_target_tokens_do_not_change_past_logits(arch, positions):
+    model = build(arch, positions)
+    src, tgt = random_batch([6, 4], [8, 8])
+    logits = model(src, tgt)
+    for t in [0, 3, 7]:
+        changed = tgt.clone()
+        changed[:, t + 1 :] = torch.randint(5, V, changed[:, t + 1 :].shape, generator=torch.Generator().manual_seed(t))
+        logits2 = model(src, changed)
+        torch.testing.assert_close(logits2[:, : t + 1], logits[:, : t + 1], **EXACT)
+        assert (logits2[:, t + 1] - logits[:, t + 1]).abs().max() > 1e-4  # the change is visible right after t
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ["prefix-lm", "causal-lm"])
+def test_target_tokens_never_change_source_states(arch, positions):
+    model = build(arch, positions)
+    src, tgt = random_batch([6, 3], [5, 5])
+    S = src.size(1)
+    changed = tgt.clone()
+    changed[:, 1:] = torch.randint(5, V, changed[:, 1:].shape, generator=torch.Generator().manual_seed(9))
+    before, after = block_outputs(model, src, tgt), block_outputs(model, src, changed)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b[:, :S], a[:, :S], **EXACT)
+        assert (b[:, S + 1 :] - a[:, S + 1 :]).abs().max() > 1e-4  # target states do change
+    # the prefilled cache (what decoding attends to) does not see the target at all, and equals forward's K/V
+    state = model.init_state(src)
+    k_forward = []
+    hook = model.blocks[-1].self_attn.qkv.register_forward_hook(lambda m, a, out: k_forward.append(out))
+    model(src, tgt)
+    hook.remove()
+    if positions != "rope":  # K before rotation equals the cached K only without rope; rope is covered by decoding
+        D = model.config.d_model
+        k = k_forward[0][:, :S, D : 2 * D]  # (B, S, D)
+        cached = state.layers[-1].self_kv.k.transpose(1, 2).reshape(k.shape)
+        torch.testing.assert_close(cached, k, **EXACT)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ["prefix-lm", "causal-lm"])
+def test_source_mask_is_bidirectional_only_for_prefix_lm(arch, positions):
+    model = build(arch, positions)
+    src, tgt = random_batch([7, 7], [3, 3])
+    changed = src.clone()
+    changed[:, 5] = torch.where(src[:, 5] == 5, 6, 5)  # a later source token
+    first_before, first_after = block_outputs(model, src, tgt)[0], block_outputs(model, changed, tgt)[0]
+    earlier = (first_after[:, :5] - first_before[:, :5]).abs().max()
+    if arch == "causal-lm":
+        assert earlier < 1e-12, f"causal prefix: earlier source states changed by {earlier}"
+    else:
+        assert earlier > 1e-4, "prefix-LM: earlier source states should see later source tokens"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding invariance (float32, atol 1e-5)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_does_not_change_real_logits(arch, positions):
+    model = build(arch, positions, dtype=torch.float32)
+    tol = dict(rtol=0, atol=1e-5)
+    src, tgt = random_batch([5], [4], seed=1)  # one sentence, no padding at all
+    T = tgt.size(1) - 1
+    alone = model(src, tgt[:, :-1])  # (1, T, V)
+
+    # more source padding
+    padded_src = F.pad(src, (0, 6), value=PAD_ID)
+    torch.testing.assert_close(model(padded_src, tgt[:, :-1]), alone, **tol)
+    # more target padding (after <eos>)
+    padded_tgt = F.pad(tgt, (0, 5), value=PAD_ID)
+    torch.testing.assert_close(model(src, padded_tgt[:, :-1])[:, :T], alone, **tol)
+    # in a batch with a longer sentence, in either row
+    other_src, other_tgt = random_batch([11], [9], seed=2)
+    for row in [0, 1]:
+        pairs = [(src, tgt), (other_src, other_tgt)] if row == 0 else [(other_src, other_tgt), (src, tgt)]
+        S, U = max(p[0].size(1) for p in pairs), max(p[1].size(1) for p in pairs)
+        batch_src = torch.cat([F.pad(s, (0, S - s.size(1)), value=PAD_ID) for s, _ in pairs])
+        batch_tgt = torch.cat([F.pad(t, (0, U - t.size(1)), value=PAD_ID) for _, t in pairs])
+        torch.testing.assert_close(model(batch_src, batch_tgt[:, :-1])[row : row + 1, :T], alone, **tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached incremental decoding (float64)
+# ---------------------------------------------------------------------------------------------------------------
+
+DECODING_CASES = [(arch, positions, {}) for arch in ARCHS for positions in POSITIONS] + [
+    (arch, positions, extra)
+    for arch in ["prefix-lm", "causal-lm"]
+    for positions in POSITIONS
+    for extra in [{"rope_restart": True}, {"segment_embeddings": True}]
+] + [
+    ("seq2seq", "rope", {"norm_first": False, "activation": "swiglu", "bias": False, "tie_embeddings": False}),
+    ("prefix-lm", "learned", {"norm_first": False, "activation": "gelu", "bias": False, "tie_embeddings": False}),
+]
+
+
+def _case_id(case) -> str:
+    arch, positions, extra = case
+    return "-".join([arch, positions, *extra])
+
+
+@pytest.mark.parametrize("case", DECODING_CASES, ids=_case_id)
+def test_cached_decoding_equals_forward(case):
+    arch, positions, extra = case
+    model = build(arch, positions, **extra)
+    src, tgt = random_batch([6, 2, 4], [7, 3, 5], seed=3)  # source and target padding in the batch
+    full = model(src, tgt[:, :-1])  # (B, T, V)
+    inputs = decoder_inputs(model, tgt)
+    T = inputs.size(1)
+    for chunks in [[1] * T, [3, 1, 2, T - 6], [T], [1, T - 1]]:
+        torch.testing.assert_close(decode_in_chunks(model, src, inputs, chunks), full, **EXACT, msg=f"chunks {chunks}")
+
+
+REORDER_CASES = [(arch, positions, {}) for arch in ARCHS for positions in POSITIONS] + [
+    ("prefix-lm", "rope", {"rope_restart": True}),
+    ("causal-lm", "sinusoidal", {"segment_embeddings": True}),
+]
+
+
+@pytest.mark.parametrize("case", REORDER_CASES, ids=_case_id)
+def test_reorder_then_continue_equals_reordered_batch(case):
+    arch, positions, extra = case
+    model = build(arch, positions, **extra)
+    src, tgt = random_batch([6, 2, 4], [7, 3, 5], seed=4)
+    inputs = decoder_inputs(model, tgt)
+    index = torch.tensor([2, 0, 0, 1])  # reorder, duplicate (beam search grows the batch) and drop nothing
+    state = model.init_state(src)
+    for t in range(3):
+        model.decode_step(inputs[:, t : t + 1], state)
+    state.reorder(index)
+    after = [model.decode_step(inputs[index, 3:5], state)]  # several tokens at once after the reorder
+    after += [model.decode_step(inputs[index, t : t + 1], state) for t in range(5, inputs.size(1))]
+    scratch = decode_in_chunks(model, src[index], inputs[index], [1] * inputs.size(1))
+    torch.testing.assert_close(torch.cat(after, dim=1), scratch[:, 3:], **EXACT)
+    # and a shrinking reorder (finished hypotheses dropped)
+    state.reorder(torch.tensor([3, 0]))
+    assert state.key_pad.size(0) == 2 and state.pos.size(0) == 2 and state.layers[0].self_kv.k.size(0) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients, bf16, parameter counts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def token_loss(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over non-pad tokens of tgt[:, 1:]; logits (B, T, V)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID)
+
+
+GRADIENT_CASES = [(arch, positions, {}) for arch in ARCHS for positions in POSITIONS] + [
+    ("prefix-lm", "rope", {"segment_embeddings": True}),
+    ("causal-lm", "learned", {"segment_embeddings": True, "tie_embeddings": False}),
+    ("seq2seq", "learned", {"tie_embeddings": False, "activation": "swiglu"}),
+]
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES, ids=_case_id)
+def test_every_parameter_gets_a_gradient(case):
+    arch, positions, extra = case
+    model = build(arch, positions, dtype=torch.float32, **extra).train()
+    src, tgt = random_batch([6, 3], [5, 2], seed=5)
+    token_loss(model(src, tgt[:, :-1]), tgt).backward()
+    names = [n for n, _ in model.named_parameters()]
+    if extra.get("segment_embeddings"):
+        assert "segment.weight" in names
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient"
+        assert p.grad.abs().max() > 0, f"{name}: gradient is all zero"
+    if extra.get("segment_embeddings"):  # both segments (source and target) are used
+        assert (model.segment.weight.grad.abs().amax(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_forward_backward(arch):
+    model = build(arch, "rope", dtype=torch.float32).train()
+    src, tgt = random_batch([6, 3], [5, 2], seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt[:, :-1])
+    loss = token_loss(logits, tgt)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_base_parameter_counts_match():
+    seq2seq = Seq2SeqTransformer(Seq2SeqConfig.preset("base"))
+    decoder_only = DecoderOnlyTransformer(DecoderOnlyConfig.preset("base"))
+    counts = {
+        name: (m.num_parameters(), m.num_parameters(non_embedding=True))
+        for name, m in [("seq2seq", seq2seq), ("decoder-only", decoder_only)]
+    }
+    for name, (total, non_emb) in counts.items():
+        print(f"\n{name:>12} base: {total:,} parameters, {non_emb:,} non-embedding")
+    (s_total, s_non), (d_total, d_non) = counts["seq2seq"], counts["decoder-only"]
+    assert 25e6 < s_total < 27e6, f"base encoder-decoder should be about 26M, is {s_total:,}"
+    assert abs(d_total - s_total) / s_total < 0.05, (s_total, d_total)
+    assert abs(d_non - s_non) / s_non < 0.05, (s_non, d_non)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overfitting real pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def real_batch(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The docs/design.md batch: src ids; tgt = <bos> ids <eos>; both right-padded with 0."""
+    src_ids = tokenizer.encode([de for de, _ in pairs])
+    tgt_ids = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode([en for _, en in pairs])]
+    src = torch.full((len(pairs), max(map(len, src_ids))), PAD_ID)
+    tgt = torch.full((len(pairs), max(map(len, tgt_ids))), PAD_ID)
+    for b, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+        src[b, : len(s)], tgt[b, : len(t)] = torch.tensor(s), torch.tensor(t)
+    return src, tgt
+
+
+@pytest.mark.parametrize(
+    "arch, positions", [("seq2seq", "sinusoidal"), ("prefix-lm", "rope"), ("causal-lm", "learned")]
+)
+def test_tiny_model_overfits_real_pairs(arch, positions, tokenizer, train_pairs):
+    torch.manual_seed(0)
+    size = dict(vocab_size=tokenizer.vocab_size, positions=positions, d_model=64, d_ff=256, dropout=0.0)
+    if arch == "seq2seq":
+        model = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", **size))
+    else:
+        mode = "bidirectional" if arch == "prefix-lm" else "causal"
+        model = DecoderOnlyTransformer(DecoderOnlyConfig.preset("tiny", prefix_mode=mode, **size))
+    src, tgt = real_batch(tokenizer, train_pairs[:64])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    started = time.perf_counter()
+    model.train()
+    for step in range(400):
+        loss = token_loss(model(src, tgt[:, :-1]), tgt)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    model.eval()
+    with torch.no_grad():
+        final = token_loss(model(src, tgt[:, :-1]), tgt).item()
+    print(f"\n{arch}: mean token CE {final:.4f} after {step + 1} steps, {time.perf_counter() - started:.1f}s")
+    assert final < 0.1, f"{arch} did not overfit 64 pairs: CE {final:.3f} after {step + 1} steps"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Seq2SeqConfig, DecoderOnlyConfig])
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(positions="alibi"), "positions"),
+        (dict(activation="tanh"), "activation"),
+        (dict(d_model=30, n_heads=4), "n_heads"),
+        (dict(d_model=6, n_heads=2, positions="rope"), "rope"),
+        (dict(vocab_size=4), "vocab_size"),
+    ],
+)
+def test_bad_config_raises_naming_the_field(cls, fields, name):
+    with pytest.raises(ValueError, match=name):
+        cls(**fields)
+    with pytest.raises(ValueError, match=name):
+        cls.preset("tiny", **fields)
+
+
+def test_bad_prefix_mode_raises():
+    with pytest.raises(ValueError, match="prefix_mode"):
+        DecoderOnlyConfig(prefix_mode="sideways")
+
+
+@pytest.mark.parametrize("cls", [Seq2SeqConfig, DecoderOnlyConfig])
+def test_preset_rejects_unknown_names_and_fields(cls):
+    with pytest.raises(ValueError, match="huge"):
+        cls.preset("huge")
+    with pytest.raises(ValueError, match="n_layerz"):
+        cls.preset("tiny", n_layerz=3)
+    cfg = cls.preset("small", d_model=128, dropout=None)  # None overrides are ignored
+    assert (cfg.d_model, cfg.n_heads, cfg.dropout) == (128, 4, 0.1)
