@@ -68,7 +68,9 @@ class Tokenizer:
                 unk_id=UNK_ID,
                 bos_id=BOS_ID,
                 eos_id=EOS_ID,
-                user_defined_symbols=[SEP_PIECE],
+                # a control symbol: encode() never produces it from text, so a literal "<sep>" in a sentence
+                # cannot fake the separator
+                control_symbols=[SEP_PIECE],
                 # keep digits and cased text as they are: BLEU is computed on detokenised, cased output
                 normalization_rule_name="nmt_nfkc",
                 minloglevel=2,
