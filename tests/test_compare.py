@@ -1,0 +1,268 @@
+"""`translator.compare` and `scripts/compare.py`, on checkpoints trained by the real CLI.
+
+One session fixture runs `translator fit --config configs/debug.yaml` in-process (one import of Lightning) three
+times on a small Multi30k subset written to a temporary directory: a Seq2SeqModule and a DecoderOnlyModule with the
+same data config (so the second reuses the tokenizer file the first trained, in a temporary `tokenizer_dir`), each
+logging its metrics.csv next to its checkpoints, and a third run with another vocabulary size (another tokenizer).
+The script's `main()` is called in-process; it returns the exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import importlib.util
+import io
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sacrebleu.significance import PairedTest, _compute_p_value
+
+from translator import checkpoint
+from translator.compare import (
+    CompareError,
+    paired_bootstrap,
+    perplexity,
+    plot_curves,
+    read_testset,
+    read_training_log,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+pytestmark = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"Multi30k not found at {MULTI30K}")
+SIZES = {"train": 2000, "val": 64, "test": 50}
+
+
+def _write_subset(data: Path) -> None:
+    """The first pairs of each split, as plain parallel files `{split}.de` / `{split}.en`."""
+    data.mkdir()
+    for split, n in SIZES.items():
+        source = "test_2016_flickr" if split == "test" else split
+        for lang in ("de", "en"):
+            with gzip.open(MULTI30K / f"{source}.{lang}.gz", "rt", encoding="utf-8") as f:
+                (data / f"{split}.{lang}").write_text("".join(itertools.islice(f, n)), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """{run: last.ckpt} for `encdec`, `decoder_only` (30 steps, shared tokenizer) and `vocab800` (5 steps)."""
+    from translator.cli import main as translator_cli
+
+    root = tmp_path_factory.mktemp("compare_runs")
+    _write_subset(root / "data")
+
+    def fit(name: str, steps: int, val_every: int, *extra: str) -> Path:
+        """Run in root/name: the config's relative outputs (CSVLogger save_dir/name and the ModelCheckpoint
+        dirpaths, checkpoints/debug) land there, side by side, whatever callbacks debug.yaml lists."""
+        run = root / name
+        run.mkdir()
+        cwd = os.getcwd()
+        os.chdir(run)
+        try:
+            translator_cli([
+                "fit", "--config", str(REPO / "configs" / "debug.yaml"),
+                "--data.path", str(root / "data"), "--data.test_split", "test",
+                "--data.tokenizer_dir", str(root / "tokenizers"),  # shared: the second run reuses the first's file
+                "--model.init_args.bleu_sentences", "8", "--trainer.num_sanity_val_steps", "0",
+                "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every),
+                "--trainer.log_every_n_steps", "5",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                *extra,
+            ])
+        finally:
+            os.chdir(cwd)
+        ckpts = sorted(run.rglob("last.ckpt")) or sorted(run.rglob("*.ckpt"))
+        assert ckpts and (ckpts[0].parent / "metrics.csv").is_file(), sorted(run.rglob("*"))
+        return ckpts[0]
+
+    found = {
+        "encdec": fit("encdec", 30, 15),
+        "decoder_only": fit("decoder_only", 30, 15, "--model.class_path", "translator.module.DecoderOnlyModule"),
+        "vocab800": fit("vocab800", 5, 5, "--data.vocab_size", "800"),
+    }
+    assert len(list((root / "tokenizers").glob("*.model"))) == 2  # the 1000-piece one was trained once, reused
+    return found
+
+
+@pytest.fixture(scope="session")
+def script():
+    """scripts/compare.py as a module, for in-process `main(argv) -> exit code`."""
+    spec = importlib.util.spec_from_file_location("compare_script", REPO / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def data_dir(runs: dict[str, Path]) -> Path:
+    """root/data, the subset written by `runs` (the checkpoints sit a few levels below root)."""
+    return next(p / "data" for p in runs["encdec"].parents if (p / "data" / "test.de").is_file())
+
+
+def eval_set_args(runs: dict[str, Path]) -> list[str]:
+    data = data_dir(runs)
+    return ["--src", str(data / "test.de"), "--ref", str(data / "test.en")]
+
+
+@pytest.fixture(scope="session")
+def report(runs, script, tmp_path_factory) -> tuple[Path, dict, str]:
+    """(out dir, report.json, stdout) of compare.py on encdec vs decoder_only, greedy (30-step models produce only
+    empty strings under beam search, which would make every score 0)."""
+    out = tmp_path_factory.mktemp("compare_out")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = script.main(["--checkpoints", str(runs["encdec"]), str(runs["decoder_only"]), *eval_set_args(runs),
+                          "--beam", "1", "--bootstrap", "300", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "report.json").read_text()), buffer.getvalue()
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+def test_compare_writes_every_output_with_every_column(report):
+    out, data, stdout = report
+    for name in ("report.md", "report.json", "curves_step.png", "bleu_by_length_test.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "curves_time.png").exists()  # the module logs no time column (yet)
+    expected = ["model", "testset", "parameters", "non_embedding_parameters", "steps", "bleu", "bleu_bs", "chrf",
+                "chrf_bs", "ppl", "sent_per_s", "train_tok_per_s"]
+    assert data["columns"] == expected
+    assert [r["model"] for r in data["rows"]] == ["encdec", "decoder_only"]
+    for row in data["rows"]:
+        assert row["sentences"] == SIZES["test"] and row["steps"] == 30
+        assert 0 < row["non_embedding_parameters"] < row["parameters"]
+        assert 1 < row["ppl"] < 1000 and row["sent_per_s"] > 0 and row["train_tok_per_s"] > 0
+        assert [b["bucket"] for b in row["bleu_by_length"]] == ["1-10", "11-15", "16-20", "21-25", "26+"]
+        assert sum(b["sentences"] for b in row["bleu_by_length"]) == SIZES["test"]
+    base, other = data["rows"]
+    assert base["bleu_bs"]["delta"] is None and other["chrf_bs"]["p_value"] is not None
+    assert other["chrf_bs"]["delta"] == pytest.approx(other["chrf"] - base["chrf"])
+    assert "bs:300" in data["signatures"]["paired_bs"]["BLEU"] and "nrefs:1" in data["signatures"]["chrF"]
+    md = (out / "report.md").read_text()
+    assert "| encdec | test |" in md and "![validation curves](curves_step.png)" in md and "train/elapsed_s" in md
+    assert stdout.startswith("| model | test set | params |") and stdout.count("\n") == 4  # header, rule, 2 rows
+
+
+def test_perplexity_is_the_training_definition(runs):
+    """Our teacher-forced perplexity on the validation pairs equals the `val/ppl` training logged for this model."""
+    model, tokenizer, _ = checkpoint.load(runs["encdec"])
+    data = data_dir(runs)
+    val = read_testset("val", data / "val.de", data / "val.en")
+    # the DataModule drops pairs over max_len=64 tokens (debug.yaml); so must we, to score the same pairs
+    lengths = [len(ids) for ids in tokenizer.encode(val.sources + val.references)]
+    n = len(val.sources)
+    pairs = [(s, r) for i, (s, r) in enumerate(zip(val.sources, val.references))
+             if 0 < lengths[i] <= 64 and 0 < lengths[n + i] <= 64]
+    assert 0 < len(pairs) < len(val.sources)  # one long pair here, so the filter matters
+    logged = read_training_log(runs["encdec"].with_name("metrics.csv")).curves["val/ppl"][-1][1]
+    ppl = perplexity(model, tokenizer, *map(list, zip(*pairs)), batch_tokens=300)  # several batches
+    assert ppl == pytest.approx(logged, rel=1e-5)
+
+
+# ---- significance ------------------------------------------------------------------------------------------------
+def test_bootstrap_of_a_system_against_itself(runs):
+    refs = read_testset(None, *eval_set_args(runs)[1::2]).references
+    hyps = _hypotheses(runs, "decoder_only")
+    _, results = paired_bootstrap(refs, [("a", hyps), ("b", list(hyps))], n_samples=1000)
+    for metric in ("BLEU", "chrF"):
+        r = results["b"][metric]
+        assert r.p_value >= 0.9 and r.delta == 0
+        assert r.delta_ci[0] <= 0 <= r.delta_ci[1]
+    # why the correction: sacreBLEU alone calls identical systems significant (strict > on a zero statistic)
+    _, raw = PairedTest([("a", hyps), ("b", hyps)], _metrics(), [refs], test_type="bs", n_samples=1000)()
+    assert raw["BLEU"][1].p_value < 0.01
+
+
+def test_bootstrap_intervals_come_from_sacrebleus_resamples(runs):
+    """For two different systems, sacreBLEU's own p-value is what its formula gives on our resampled differences,
+    so the interval and the p-value describe the same resamples."""
+    refs = read_testset(None, *eval_set_args(runs)[1::2]).references
+    a, b = _hypotheses(runs, "encdec"), _hypotheses(runs, "decoder_only")
+    assert a != b
+    _, results = paired_bootstrap(refs, [("a", a), ("b", b)], n_samples=500)
+    r = results["b"]["chrF"]
+    diffs = np.abs(r.deltas)
+    assert r.p_value == pytest.approx(_compute_p_value(diffs - diffs.mean(), abs(r.delta)))
+    assert r.delta_ci[0] <= np.median(r.deltas) <= r.delta_ci[1]
+
+
+_HYPS: dict[str, list[str]] = {}
+
+
+def _hypotheses(runs: dict[str, Path], name: str) -> list[str]:
+    from translator.translate import translate
+
+    if name not in _HYPS:
+        model, tokenizer, _ = checkpoint.load(runs[name])
+        sources = read_testset(None, *eval_set_args(runs)[1::2]).sources
+        _HYPS[name] = [h[0].text for h in translate(model, tokenizer, sources, beam=1)]
+    return _HYPS[name]
+
+
+def _metrics():
+    import sacrebleu
+
+    return {"BLEU": sacrebleu.BLEU(), "chrF": sacrebleu.CHRF()}
+
+
+# ---- errors and missing pieces -----------------------------------------------------------------------------------
+def test_mismatched_tokenizers_are_refused_with_one_clear_line(runs, script, tmp_path, capsys):
+    rc = script.main(["--checkpoints", str(runs["encdec"]), str(runs["vocab800"]), *eval_set_args(runs),
+                      "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "different tokenizers" in err and "not comparable" in err and "800 pieces" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_missing_logs_leave_the_training_columns_out(runs, script, tmp_path, capsys):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(runs["encdec"], alone / "model.ckpt")
+    rc = script.main(["--checkpoints", str(alone / "model.ckpt"), *eval_set_args(runs), "--beam", "1",
+                      "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "train_tok_per_s" not in data["columns"] and "train_wall_s" not in data["columns"]
+    assert "bleu_bs" not in data["columns"]  # one checkpoint: nothing to test against
+    assert not list((tmp_path / "out").glob("curves_*.png")) and (tmp_path / "out" / "report.md").is_file()
+    assert "no metrics.csv" in (tmp_path / "out" / "report.md").read_text()
+    assert "train tok/s" not in capsys.readouterr().out
+
+
+def test_a_logged_time_column_gives_wall_time_and_time_curves(runs, tmp_path):
+    """The module logs no time yet; a metrics.csv with `train/elapsed_s` (what we asked for) is used when there."""
+    rows = list(csv.DictReader(runs["encdec"].with_name("metrics.csv").open()))
+    with (tmp_path / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*rows[0], "train/elapsed_s"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "train/elapsed_s": float(r["step"]) * 2 if r["train/loss"] else ""})
+    log = read_training_log(tmp_path / "metrics.csv")
+    assert log.time_column == "train/elapsed_s" and log.wall_time_s == 2 * max(int(r["step"]) for r in rows
+                                                                                 if r["train/loss"])
+    assert log.seconds_at([10]) == [20.0]
+    assert plot_curves({"run": log}, tmp_path / "curves_time.png", against="time")
+    assert (tmp_path / "curves_time.png").stat().st_size > 0
+
+
+def test_testset_files_must_pair_up(tmp_path):
+    (tmp_path / "a.de").write_text("Hallo\n")
+    (tmp_path / "b.en").write_text("Hello\n")
+    with pytest.raises(CompareError, match="same DIR and SPLIT"):
+        read_testset(None, tmp_path / "a.de", tmp_path / "b.en")
+    with pytest.raises(CompareError, match="file not found"):
+        read_testset(None, tmp_path / "c.de", tmp_path / "c.en")
+    (tmp_path / "a.en").write_text("Hello\nWorld\n")
+    with pytest.raises(CompareError, match="line counts differ"):
+        read_testset(None, tmp_path / "a.de", tmp_path / "a.en")
+    ts = read_testset("mine", f"{MULTI30K}:val", limit=3)  # DATA:SPLIT, read by load_pairs
+    assert ts.name == "mine" and len(ts.sources) == len(ts.references) == 3 and "val.de" in ts.where
