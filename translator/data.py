@@ -531,6 +531,11 @@ class TranslationDataModule(L.LightningDataModule):
                 f"max_tokens={max_tokens} cannot hold one pair of max_len={max_len} tokens ({need} padded)"
             )
         self._tokenizer = Tokenizer.from_file(tokenizer) if tokenizer else None
+        if self._tokenizer is not None and self._tokenizer.vocab_size != vocab_size:
+            # a given tokenizer fixes the vocabulary: adopt its size (the model is linked to it) rather than keep a
+            # stale configured value that would contradict the model's in the checkpoint's hyper-parameters
+            log.info("tokenizer %s has %d pieces: vocab_size=%d ignored", tokenizer, self._tokenizer.vocab_size, vocab_size)
+            self.hparams.vocab_size = self._tokenizer.vocab_size
         self._streams: dict[str, PairStream] = {}
 
     # ---- what the model is linked to -----------------------------------------------------------------------------
@@ -543,7 +548,7 @@ class TranslationDataModule(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         """The given tokenizer's size, else the configured one (which the trained tokenizer will have)."""
-        return self._tokenizer.vocab_size if self._tokenizer is not None else self.hparams.vocab_size
+        return self.hparams.vocab_size
 
     @property
     def pad_id(self) -> int:
@@ -628,6 +633,9 @@ class TranslationDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            # its own generator: an evaluation iterator draws a seed, and from the global generator that draw would
+            # shift training's dropout masks by when validation ran, so a resumed run would not repeat the original
+            generator=torch.Generator(),
         )
 
     def _rank_world(self) -> tuple[int, int]:

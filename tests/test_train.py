@@ -1,0 +1,316 @@
+"""Training end to end on CPU: `translator fit --trainer.fast_dev_run` per architecture and per shipped config, a tiny
+model that learns, checkpoint round trips, the learning-rate schedule and weight-decay groups, and a 2-process DDP run
+whose synced validation metrics equal a single process's on the same checkpoint.
+
+All outputs (logs, checkpoints, saved configs) go to tmp dirs: every CLI run is made from one (`monkeypatch.chdir`)
+with absolute paths to the configs and the data; a 1000-piece tokenizer trained once (tests/conftest.py) replaces the
+one `prepare_data` would train on the whole train split.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import MULTI30K
+from torch import nn
+
+from translator import checkpoint
+from translator.cli import main
+from translator.data import TranslationDataModule
+from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
+from translator.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DEBUG = str(CONFIGS / "debug.yaml")
+pytestmark = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"Multi30k not found at {MULTI30K}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tokenizer: Tokenizer, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tokenizer") / "multi30k-1000.model"
+    tokenizer.save(path)
+    return str(path)
+
+
+def data_args(tokenizer_file: str) -> list[str]:
+    """Local Multi30k, the session tokenizer, no DataLoader workers, a small shuffle buffer (quick to fill).
+
+    `--data.vocab_size` must equal the given tokenizer's size even though the model's is linked from the tokenizer:
+    otherwise Lightning refuses to log the hyperparameters ("Error while merging hparams: ... vocab_size").
+    """
+    return [
+        "--data.path", str(MULTI30K), "--data.val_split", "val", "--data.test_split", "test_2016_flickr",
+        "--data.tokenizer", tokenizer_file, "--data.vocab_size", "1000", "--data.num_workers", "0",
+        "--data.shuffle_buffer", "1000",
+    ]  # fmt: skip
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def datamodule(tokenizer_file: str, **kwargs) -> TranslationDataModule:
+    settings = {
+        "path": str(MULTI30K), "val_split": "val", "tokenizer": tokenizer_file, "max_tokens": 2048, "max_len": 64,
+        "shuffle_buffer": 2000, "num_workers": 0, "limit_val_pairs": 200,
+    }  # fmt: skip
+    return TranslationDataModule(**{**settings, **kwargs})
+
+
+@pytest.fixture
+def fitted(monkeypatch) -> list[TranslationModule]:
+    """Collects the module of every fit the CLI runs (TranslationModule.on_fit_end)."""
+    seen: list[TranslationModule] = []
+    monkeypatch.setattr(TranslationModule, "on_fit_end", lambda self: seen.append(self), raising=False)
+    return seen
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------------------
+DECODER_ONLY = ["--model.class_path", "translator.module.DecoderOnlyModule"]
+ARCHS = {
+    "seq2seq": [],
+    "prefix-lm": DECODER_ONLY,
+    "causal-lm": [*DECODER_ONLY, "--model.init_args.prefix_mode", "causal"],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_dev_run_debug_config(arch, tokenizer_file, tmp_path, monkeypatch, fitted):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", DEBUG, *data_args(tokenizer_file), *ARCHS[arch], "--trainer.fast_dev_run=true"])
+    (module,) = fitted
+    assert type(module) is (Seq2SeqModule if arch == "seq2seq" else DecoderOnlyModule)
+    if arch != "seq2seq":
+        assert module.config.prefix_mode == ("causal" if arch == "causal-lm" else "bidirectional")
+    assert module.config.d_model == 32 and module.hparams.lr == 3e-3  # debug.yaml's init_args survive class_path
+    assert module.config.vocab_size == 1000  # linked from the data's tokenizer
+    trainer = module.trainer
+    assert trainer.global_step == 1
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "val/loss", "val/ppl", "val/bleu", "val/chrf"} <= set(metrics)
+    assert torch.isfinite(metrics["val/loss"]) and metrics["val/ppl"] > 1
+
+
+@pytest.mark.parametrize("name", ["encdec", "decoder_only", "decoder_only_causal", "quickstart"])
+def test_fast_dev_run_shipped_config(name, tokenizer_file, tmp_path, monkeypatch, fitted):
+    """The GPU configs as documented (model + data/multi30k.yaml), on CPU with the tiny preset: the YAMLs parse and run."""
+    monkeypatch.chdir(tmp_path)
+    configs = [str(CONFIGS / f"{name}.yaml")]
+    if name != "quickstart":  # quickstart.yaml carries its own data and CPU trainer sections
+        configs += [str(CONFIGS / "data" / "multi30k.yaml"), str(CONFIGS / "trainer" / "cpu.yaml")]
+    args = [a for c in configs for a in ("--config", c)]
+    main(["fit", *args, *data_args(tokenizer_file), "--model.init_args.preset", "tiny", "--trainer.fast_dev_run=true"])
+    (module,) = fitted
+    assert module.config.d_model == 32 and module.trainer.global_step == 1
+    assert module.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert "val/loss" in module.trainer.callback_metrics
+
+
+# ---- learning and checkpoints ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_seq2seq(tokenizer_file, tmp_path_factory):
+    """A tiny encoder-decoder trained 300 steps: (module, datamodule, val metrics before, after, checkpoint path)."""
+    torch.manual_seed(0)
+    dm = datamodule(tokenizer_file)
+    module = Seq2SeqModule(preset="tiny", vocab_size=1000, lr=3e-3, warmup_steps=30, bleu_every=0)
+    before = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+    trainer = quiet_trainer(max_steps=300, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    after = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+    path = tmp_path_factory.mktemp("ckpt") / "seq2seq.ckpt"
+    trainer.save_checkpoint(path)
+    return module, dm, before, after, path
+
+
+def test_training_lowers_validation_perplexity(trained_seq2seq):
+    _, _, before, after, _ = trained_seq2seq
+    assert before["val/ppl"] > 300  # about the vocabulary size: an untrained model
+    assert after["val/ppl"] < 0.1 * before["val/ppl"]
+    assert after["val/loss"] == pytest.approx(math.log(after["val/ppl"]), rel=1e-4)  # ppl = exp(token-mean loss)
+
+
+def val_batch(dm: TranslationDataModule) -> dict:
+    return next(iter(dm.val_dataloader()))
+
+
+def assert_same_model(module: TranslationModule, loaded: TranslationModule, dm: TranslationDataModule) -> None:
+    batch = val_batch(dm)
+    module.eval(), loaded.eval()
+    assert type(loaded) is type(module) and loaded.config == module.config
+    with torch.no_grad():
+        expected = module(batch["src"], batch["tgt"][:, :-1])
+        assert torch.equal(loaded(batch["src"], batch["tgt"][:, :-1]), expected)
+    assert loaded.tokenizer.to_bytes() == module.tokenizer.to_bytes()
+    assert loaded.tokenizer.encode(batch["src_text"]) == module.tokenizer.encode(batch["src_text"])
+
+
+def test_seq2seq_checkpoint_round_trip(trained_seq2seq):
+    module, dm, _, _, path = trained_seq2seq
+    loaded = Seq2SeqModule.load_from_checkpoint(path)
+    assert_same_model(module, loaded, dm)
+    assert loaded.hparams == module.hparams
+
+    model, tokenizer, meta = checkpoint.load(path)  # the safe, Lightning-free loader
+    batch = val_batch(dm)
+    assert meta["arch"] == "seq2seq" and not model.training
+    with torch.no_grad():
+        assert torch.equal(model(batch["src"], batch["tgt"][:, :-1]), module(batch["src"], batch["tgt"][:, :-1]))
+    assert tokenizer.to_bytes() == module.tokenizer.to_bytes()
+    assert module.translate_ids(batch["src"][:4]) == loaded.translate_ids(batch["src"][:4])
+
+
+def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
+    torch.manual_seed(0)
+    dm = datamodule(tokenizer_file, limit_val_pairs=32)
+    module = DecoderOnlyModule(
+        preset="tiny", vocab_size=1000, prefix_mode="causal", positions="rope", segment_embeddings=True, bleu_every=0
+    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "decoder_only.ckpt")
+    loaded = DecoderOnlyModule.load_from_checkpoint(tmp_path / "decoder_only.ckpt")
+    assert_same_model(module, loaded, dm)
+    model, tokenizer, meta = checkpoint.load(tmp_path / "decoder_only.ckpt")
+    batch = val_batch(dm)
+    assert meta["arch"] == "decoder_only" and model.config.prefix_mode == "causal"
+    with torch.no_grad():
+        assert torch.equal(model(batch["src"], batch["tgt"][:, :-1]), module(batch["src"], batch["tgt"][:, :-1]))
+    assert tokenizer.to_bytes() == module.tokenizer.to_bytes()
+
+
+# ---- optimiser and schedule --------------------------------------------------------------------------------------
+def lr_trace(module: TranslationModule, steps: int) -> list[float]:
+    """The learning rate each of the first `steps` optimizer steps uses, stepping the scheduler as Lightning does."""
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[1]["lr"] == lrs[-1]  # both groups follow the schedule
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_inverse_sqrt_schedule_warms_up_linearly_then_decays_as_inverse_sqrt():
+    peak, warmup = 1e-3, 10
+    module = Seq2SeqModule(preset="tiny", vocab_size=100, lr=peak, warmup_steps=warmup, schedule="inverse_sqrt")
+    lrs = lr_trace(module, 200)  # no Trainer attached: inverse_sqrt needs no horizon
+    for s, lr in enumerate(lrs, start=1):  # s: the 1-based optimizer step
+        expected = peak * s / warmup if s < warmup else peak * math.sqrt(warmup / s)
+        assert lr == pytest.approx(expected, rel=1e-12), s
+    assert max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == warmup - 1
+    assert lrs[4 * warmup - 1] == pytest.approx(peak / 2)  # 4x the warmup: half the peak
+
+
+def test_cosine_schedule_reaches_zero_at_max_steps():
+    peak, warmup, max_steps = 1e-3, 10, 100
+    module = Seq2SeqModule(preset="tiny", vocab_size=100, lr=peak, warmup_steps=warmup, schedule="cosine")
+    module.trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False)
+    lrs = lr_trace(module, max_steps)
+    assert lrs[: warmup - 1] == pytest.approx([peak * s / warmup for s in range(1, warmup)])
+    assert lrs[warmup - 1] == pytest.approx(peak)
+    halfway = warmup + (max_steps - warmup) // 2
+    assert lrs[halfway - 1] == pytest.approx(peak / 2)
+    assert all(a > b for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))  # strictly decreasing after the peak
+    assert lrs[-1] == 0.0  # step max_steps itself runs at lr 0
+
+    with pytest.raises(ValueError, match="max_steps"):  # no horizon: refuse instead of decaying to 0 at warmup
+        module.trainer = L.Trainer(max_epochs=-1, logger=False, enable_progress_bar=False)
+        module.configure_optimizers()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda: Seq2SeqModule(preset="tiny", vocab_size=100),
+        lambda: Seq2SeqModule(preset="tiny", vocab_size=100, tie_embeddings=False, positions="learned"),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, positions="learned", segment_embeddings=True),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, activation="swiglu", tie_embeddings=False),
+    ],
+    ids=["seq2seq-tied", "seq2seq-untied-learned", "decoder-learned-segments", "decoder-swiglu-untied"],
+)
+def test_weight_decay_only_on_linear_weights(module):
+    """Norms, biases and embeddings (token, position, segment) get no weight decay; every Linear weight does."""
+    module = module()
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == module.hparams.weight_decay > 0 and groups[1]["weight_decay"] == 0
+    assert not decay & no_decay
+    all_params = {id(p) for p in module.model.parameters()}  # tied weights counted once
+    assert decay | no_decay == all_params
+    assert sum(len(g["params"]) for g in groups) == len(all_params)
+    for mod_name, mod in module.model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            should_decay = isinstance(mod, nn.Linear) and name == "weight" and id(p) not in embedding_ids(module)
+            assert (id(p) in decay) == should_decay, f"{mod_name}.{name} ({type(mod).__name__})"
+    assert any(isinstance(m, nn.Embedding) for m in module.model.modules()) and decay and no_decay
+
+
+def embedding_ids(module: TranslationModule) -> set[int]:
+    """A tied output projection shares the token embedding's weight: it counts as an embedding."""
+    return {id(m.weight) for m in module.model.modules() if isinstance(m, nn.Embedding)}
+
+
+# ---- DDP ---------------------------------------------------------------------------------------------------------
+def translator_command() -> list[str]:
+    """The installed console script next to this interpreter, else the module (Lightning relaunches either)."""
+    script = Path(sys.executable).with_name("translator")
+    return [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "translator.cli"]
+
+
+def last_val_row(metrics_csv: Path) -> dict[str, float]:
+    with open(metrics_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/")}
+
+
+def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, tmp_path, monkeypatch):
+    """`translator fit` with 2 gloo processes, then validate its checkpoint in 1 process: the metrics the 2 ranks
+    synced over their disjoint shards of the val pairs equal the single process's over all of them."""
+    steps = 100
+    no_limit = ["--model.init_args.bleu_sentences", "null"]  # a per-rank decode limit would differ by world size
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    ddp = subprocess.run(
+        [*translator_command(), "fit", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet,
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(steps),
+         "--trainer.val_check_interval", str(steps), "--trainer.num_sanity_val_steps", "0",
+         "--trainer.logger.init_args.name", "ddp"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    output = ddp.stdout + ddp.stderr
+    assert "Starting with 2 processes" in output and "distributed_backend=gloo" in output
+    synced = last_val_row(tmp_path / "checkpoints" / "ddp" / "metrics.csv")
+
+    # the checkpoint of the weights that validation saw (written after it, at the last step)
+    ckpts = [p for p in (tmp_path / "checkpoints").rglob("*.ckpt") if checkpoint.read(p)["global_step"] == steps]
+    assert ckpts, sorted(map(str, (tmp_path / "checkpoints").rglob("*")))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main(["validate", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet, "--ckpt_path", str(ckpts[0]),
+          "--trainer.logger.init_args.name", "single"])  # fmt: skip
+    single = last_val_row(tmp_path / "checkpoints" / "single" / "metrics.csv")
+
+    assert set(synced) == set(single) == {"val/loss", "val/ppl", "val/bleu", "val/chrf"}
+    assert synced["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
+    assert synced["val/ppl"] == pytest.approx(single["val/ppl"], rel=1e-5)
+    assert synced["val/bleu"] == pytest.approx(single["val/bleu"], rel=1e-6, abs=1e-9)
+    assert synced["val/chrf"] == pytest.approx(single["val/chrf"], rel=1e-6, abs=1e-9)
+    assert single["val/chrf"] > 0  # hypotheses share character n-grams with the references: a real check
