@@ -106,6 +106,7 @@ class TranslationModule(L.LightningModule):
         self._decoded = 0
         self._signature_logged = False
         self._tokens, self._clock = 0, None
+        self._elapsed, self._fit_start = 0.0, None  # training wall time, carried across resumes by the checkpoint
 
     # ---- tokenizer plumbing --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -127,10 +128,22 @@ class TranslationModule(L.LightningModule):
             "arch": self.arch,
             "config": self.config.to_dict(),
             "tokenizer": torch.frombuffer(bytearray(self.tokenizer.to_bytes()), dtype=torch.uint8),
+            "elapsed_s": self._elapsed_s(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].numpy().tobytes())
+        self._elapsed = checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0)
+
+    def _elapsed_s(self) -> float:
+        """Seconds of training so far, over every run that led to this state (validation included)."""
+        return self._elapsed + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
+
+    def on_train_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self._elapsed, self._fit_start = self._elapsed_s(), None
 
     # ---- training ------------------------------------------------------------------------------------------------
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
@@ -140,7 +153,7 @@ class TranslationModule(L.LightningModule):
     def _loss(self, batch: dict[str, Tensor], label_smoothing: float, forward=None) -> tuple[Tensor, Tensor]:
         """Mean token cross-entropy over non-pad target tokens; also returns logits (B, T, V)."""
         tgt = batch["tgt"]
-        logits = (forward or self.model)(batch["src"], tgt[:, :-1])
+        logits = (forward if forward is not None else self.model)(batch["src"], tgt[:, :-1])
         loss = F.cross_entropy(
             logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing
         )
@@ -154,11 +167,13 @@ class TranslationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch, self.hparams.label_smoothing, self._forward)
-        self.log("train/loss", loss, prog_bar=True)
-        now = time.perf_counter()
-        if self._clock is not None and now > self._clock:
-            self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
-        if self._clock is None or now - self._clock > 10:
+        # log only on logging steps: showing a tensor reads it back from the GPU, a host sync that stalls the queue
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            now = time.perf_counter()
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/elapsed_s", self._elapsed_s())
+            if self._clock is not None:
+                self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
             self._clock, self._tokens = now, 0
         return loss
 
@@ -175,7 +190,12 @@ class TranslationModule(L.LightningModule):
             fused=self.device.type == "cuda",
         )
         warmup = max(1, self.hparams.warmup_steps)
-        total = max(warmup + 1, int(self.trainer.estimated_stepping_batches)) if self.trainer else warmup + 1
+        # `self._trainer`: the `trainer` property raises when no Trainer is attached. The train stream is endless, so
+        # without max_steps Lightning estimates -1 or inf steps: no horizon for cosine (and int(inf) would raise).
+        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else -1
+        if self.hparams.schedule == "cosine" and not 0 < steps < math.inf:
+            raise ValueError("schedule='cosine' decays to zero at trainer.max_steps: set --trainer.max_steps")
+        total = max(warmup + 1, int(steps)) if self.hparams.schedule == "cosine" else warmup + 1
 
         def lr_lambda(step: int) -> float:
             step += 1

@@ -1,0 +1,622 @@
+#!/usr/bin/env python
+"""Training throughput of both architectures on real Multi30k batches: ours (several variants) against Hugging Face.
+
+    python scripts/bench_train.py --json out/bench_train.json                      # H100: the full sweep
+    python scripts/bench_train.py --device cpu --tokens 512 --steps 3             # CPU smoke test
+
+What runs (per architecture, per token budget, every variant on the *same* list of batches):
+
+* batches: `TokenBatches` over Multi30k train with ``max_tokens`` = the budget (sorted, shuffled, padded to multiples
+  of 8, exactly as training makes them), tokenizer trained once by `TranslationDataModule.prepare_data` and cached.
+  The first ``--batches`` batches filled to at least half the budget are kept (the tail batch of each sorted buffer is
+  skipped) and cycled; warm-up steps cover every distinct batch shape before timing starts.
+* variants (``--variants``): ``eager`` = bf16 autocast, fused AdamW, no host sync in the loop (the reference);
+  ``fp32`` (no autocast), ``unfused`` (foreach AdamW), ``item`` (``loss.item()`` every step) change one thing each;
+  ``compile`` = ``torch.compile(model)`` (as ``Seq2SeqModule(compile=True)`` does); ``reduce-overhead`` =
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with each batch padded up to a few fixed shapes;
+  ``lightning`` / ``lightning-compile`` = the real ``Trainer.fit`` path (``Seq2SeqModule`` / ``DecoderOnlyModule``,
+  bf16-mixed, gradient clipping) over the same batches; ``hf`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
+  ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches.
+* every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
+  smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
+* timing: a CUDA event after each step (host clock on CPU); step time = gap between consecutive events, so host
+  overhead and data transfer count; warm-up excluded; median over the timed steps. tok/s = median of per-step
+  (non-pad source + non-pad target tokens) / step time. Peak memory = ``torch.cuda.max_memory_allocated`` (model,
+  optimiser state and activations; reset before each variant).
+* MFU = model FLOPs of the real (non-pad) tokens / step time / peak (``--peak-tflops``, default 989 = H100 SXM dense
+  bf16), with FLOPs = 6 x (matmul weights applied per token) x tokens, per side, + 3 x attention forward (see
+  `train_flops`). The same count is used for the HF models, so MFU ratios equal throughput ratios.
+* SDPA: which ``aten::_scaled_dot_product_*`` op (and CUDA kernel) each model's attention dispatches to, from the
+  profiler over one training step, plus whether the causal-no-mask and masked calls run under FLASH/EFFICIENT/CUDNN
+  only (``torch.nn.attention.sdpa_kernel``).
+
+Prints markdown tables and writes ``--json``. Hugging Face rows need ``transformers`` (imported lazily; skipped with a
+message when it is missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import logging
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from translator.config import TransformerConfig
+from translator.data import TokenBatches, TranslationDataModule, load_pairs
+from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
+
+log = logging.getLogger("bench_train")
+
+MODULES: dict[str, type[TranslationModule]] = {"seq2seq": Seq2SeqModule, "decoder_only": DecoderOnlyModule}
+HF_CLASS = {"seq2seq": "MarianMTModel", "decoder_only": "GPT2LMHeadModel"}
+LABEL_SMOOTHING, CLIP, LR, WARMUP = 0.1, 1.0, 1e-3, 800  # the recipe's (configs/encdec.yaml)
+
+
+@dataclass(frozen=True)
+class Variant:
+    impl: str  # ours | lightning | hf
+    autocast: bool = True
+    fused: bool = True
+    compile: str | None = None  # None | default | reduce-overhead
+    item: bool = False
+    bucket: bool = False  # pad batches up to a few fixed shapes (for CUDA graphs)
+    cuda_only: bool = False
+    same_on_cpu: bool = False  # indistinguishable from eager on CPU (no autocast / no fused AdamW there)
+
+
+VARIANTS = {
+    "eager": Variant("ours"),
+    "fp32": Variant("ours", autocast=False, same_on_cpu=True),
+    "unfused": Variant("ours", fused=False, same_on_cpu=True),
+    "item": Variant("ours", item=True),
+    "compile": Variant("ours", compile="default"),
+    "reduce-overhead": Variant("ours", compile="reduce-overhead", bucket=True, cuda_only=True),
+    "lightning": Variant("lightning"),
+    "lightning-compile": Variant("lightning", compile="default"),
+    "hf": Variant("hf"),
+    "hf-compile": Variant("hf", compile="default"),
+}
+DEFAULT_VARIANTS = ["eager", "fp32", "unfused", "item", "compile", "reduce-overhead", "lightning", "hf"]
+COMPILED_ON_CPU_ONLY_IF_ASKED = {"compile", "lightning-compile", "hf-compile"}
+
+
+# ---- batches -----------------------------------------------------------------------------------------------------
+@dataclass
+class BenchBatch:
+    src: Tensor  # (B, S) int64, pinned on CUDA hosts
+    tgt: Tensor  # (B, T+1)
+    src_lens: Tensor  # (B,) non-pad source tokens
+    tgt_lens: Tensor  # (B,) non-pad target tokens predicted (= target input positions)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.src_lens.sum() + self.tgt_lens.sum())
+
+    @property
+    def padded(self) -> int:
+        return self.src.numel() + self.tgt.numel()
+
+
+def load_tokenizer(data: str, vocab_size: int, tokenizer: str | None) -> Tokenizer:
+    """Train (once, cached under checkpoints/tokenizers) or load the joint SentencePiece model."""
+    dm = TranslationDataModule(data, val_split="val", test_split="test_2016_flickr", tokenizer=tokenizer,
+                               vocab_size=vocab_size, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm.tokenizer
+
+
+def make_batches(data: str, tokenizer: Tokenizer, max_tokens: int, n: int, seed: int, pin: bool) -> list[BenchBatch]:
+    """The first n Multi30k train batches of `max_tokens` that are at least half full (real batches, not synthetic)."""
+    stream = TokenBatches(load_pairs(data, "train"), tokenizer, max_tokens=max_tokens, max_len=128, pad_to_multiple=8,
+                          buffer_size=30_000, shuffle=True, passes=None, seed=seed)
+    out = []
+    for b in itertools.islice(stream, 50 * n):
+        if b["src"].numel() + b["tgt"].numel() < max_tokens // 2:
+            continue
+        src, tgt = (b["src"].pin_memory(), b["tgt"].pin_memory()) if pin else (b["src"], b["tgt"])
+        out.append(BenchBatch(src, tgt, (src != PAD_ID).sum(1), (tgt[:, 1:] != PAD_ID).sum(1)))
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"no Multi30k batch fills half of max_tokens={max_tokens}")
+    return out
+
+
+def _round_shape(n: int, per_octave: int) -> int:
+    """Round n up to a grid with `per_octave` steps per power of two (2: 8, 12, 16, 24, 32, 48, ...; 4: <= 25% more)."""
+    step = max(1, 2 ** max(0, n.bit_length() - 1 - per_octave.bit_length() + 1))
+    return -(-n // step) * step
+
+
+def bucket(batch: BenchBatch) -> BenchBatch:
+    """Pad a batch up to a coarse grid of shapes, so that CUDA graphs are recorded for a few shapes only.
+
+    Extra rows hold source `<eos>` (an all-pad row would be a fully masked attention row) and target `<bos>` only, so
+    they carry no loss; real-token counts (src_lens, tgt_lens) are those of the original batch.
+    """
+    (B, S), T1 = batch.src.shape, batch.tgt.size(1)
+    B2, S2, T2 = _round_shape(B, 4), max(8, _round_shape(S, 2)), max(8, _round_shape(T1, 2))
+    src = torch.zeros(B2, S2, dtype=torch.long)
+    tgt = torch.zeros(B2, T2, dtype=torch.long)
+    src[:B, :S], tgt[:B, :T1] = batch.src, batch.tgt
+    src[B:, 0], tgt[B:, 0] = EOS_ID, BOS_ID
+    pin = batch.src.is_pinned()
+    return BenchBatch(src.pin_memory() if pin else src, tgt.pin_memory() if pin else tgt, batch.src_lens,
+                      batch.tgt_lens)
+
+
+# ---- FLOPs -------------------------------------------------------------------------------------------------------
+FLOPS_FORMULA = (
+    "train FLOPs = 6 * (N_src * s + N_tgt * t) + 3 * attention_fwd, over real (non-pad) tokens; s, t = source / "
+    "target tokens (t = predicted positions). seq2seq: N_src = L_enc*(4d^2 + 2*d*d_ff) + L_dec*2d^2 (cross-attn K/V), "
+    "N_tgt = L_dec*(6d^2 + 2*d*d_ff) + d*V; attention_fwd = sum over sentences of 4d*(L_enc*s^2 + L_dec*(t^2/2 + t*s)). "
+    "decoder-only: N_src = L*(4d^2 + 2*d*d_ff), N_tgt = N_src + d*V; attention_fwd = 4d*L*(s^2 + t*s + t^2/2) "
+    "(bidirectional prefix; s^2/2 for prefix_mode=causal). Causal blocks count half. Embedding lookups, norms, "
+    "softmax and the optimiser are not counted."
+)
+
+
+def train_flops(arch: str, cfg: TransformerConfig, src_lens: Tensor, tgt_lens: Tensor) -> float:
+    """Model FLOPs of one training step on real tokens (see FLOPS_FORMULA). src_lens, tgt_lens: (B,)."""
+    d, V = cfg.d_model, cfg.vocab_size
+    mlp = d * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
+    s, t = src_lens.double(), tgt_lens.double()
+    S, T = float(s.sum()), float(t.sum())
+    ss, tt, ts = float((s * s).sum()), float((t * t).sum()), float((t * s).sum())
+    if arch == "seq2seq":
+        le, ld = cfg.n_encoder_layers, cfg.n_decoder_layers
+        matmul = S * (le * (4 * d * d + mlp) + ld * 2 * d * d) + T * (ld * (6 * d * d + mlp) + d * V)
+        attn = 4 * d * (le * ss + ld * (tt / 2 + ts))
+    else:
+        n = cfg.n_layers
+        matmul = (S + T) * n * (4 * d * d + mlp) + T * d * V
+        attn = 4 * d * n * ((ss / 2 if cfg.prefix_mode == "causal" else ss) + ts + tt / 2)
+    return 6 * matmul + 3 * attn
+
+
+# ---- models and losses ---------------------------------------------------------------------------------------------
+def ours_module(arch: str, preset: str, vocab_size: int, compile: bool = False) -> TranslationModule:
+    return MODULES[arch](preset=preset, vocab_size=vocab_size, lr=LR, warmup_steps=WARMUP, dropout=0.1,
+                         compile=compile)
+
+
+def hf_model(arch: str, cfg: TransformerConfig, attn_implementation: str = "sdpa") -> nn.Module:
+    """A randomly initialised Hugging Face model of our config's size: Marian (post-LN, sinusoidal) for seq2seq,
+    GPT-2 (pre-LN, learned positions) for decoder-only; ReLU FFN, tied embeddings, dropout 0.1, attention dropout 0."""
+    import transformers
+
+    common = {"vocab_size": cfg.vocab_size, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+              "tie_word_embeddings": True}
+    if arch == "seq2seq":
+        conf = transformers.MarianConfig(
+            d_model=cfg.d_model, encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
+            encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads, encoder_ffn_dim=cfg.d_ff,
+            decoder_ffn_dim=cfg.d_ff, max_position_embeddings=256, activation_function="relu", dropout=0.1,
+            attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True, decoder_start_token_id=BOS_ID,
+            forced_eos_token_id=None, share_encoder_decoder_embeddings=True, **common)
+        return transformers.AutoModelForSeq2SeqLM.from_config(conf, attn_implementation=attn_implementation)
+    conf = transformers.GPT2Config(
+        n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=512,
+        activation_function="relu", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, **common)
+    return transformers.AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
+
+
+def _ce(logits: Tensor, tgt: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID,
+                           label_smoothing=LABEL_SMOOTHING)
+
+
+def gpt2_inputs(src: Tensor, tgt: Tensor) -> dict[str, Tensor]:
+    """Our decoder-only sequence `src <sep> y` for GPT-2: source pads masked and skipped by the position ids."""
+    keep = src != PAD_ID  # (B, S)
+    tgt_in = torch.cat([torch.full_like(tgt[:, :1], SEP_ID), tgt[:, 1:-1]], 1)  # (B, T)
+    T = tgt_in.size(1)
+    pos = torch.cat([(keep.long().cumsum(1) - 1).clamp(min=0),
+                     keep.sum(1, keepdim=True) + torch.arange(T, device=src.device)], 1)
+    mask = torch.cat([keep, torch.ones_like(tgt_in, dtype=torch.bool)], 1).long()
+    return {"input_ids": torch.cat([src, tgt_in], 1), "attention_mask": mask, "position_ids": pos,
+            "logits_to_keep": T}
+
+
+def loss_fn(impl: str, arch: str, forward: Callable) -> Callable[[Tensor, Tensor], Tensor]:
+    """(src, tgt) -> mean label-smoothed cross-entropy over non-pad target tokens, for our model or HF's."""
+    if impl != "hf":
+        return lambda src, tgt: _ce(forward(src, tgt[:, :-1]), tgt)
+    if arch == "seq2seq":
+        return lambda src, tgt: _ce(
+            forward(input_ids=src, attention_mask=(src != PAD_ID).long(), decoder_input_ids=tgt[:, :-1]).logits, tgt)
+    return lambda src, tgt: _ce(forward(**gpt2_inputs(src, tgt)).logits, tgt)
+
+
+def make_optimizer(model: nn.Module, fused: bool, foreach: bool | None = None
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and the inverse-sqrt schedule of `TranslationModule.configure_optimizers`, for any model."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params = list({id(p): p for p in model.parameters()}.values())
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if not (p.ndim >= 2 and id(p) not in embeddings)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.98), eps=1e-9, fused=fused or None, foreach=foreach)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / WARMUP, math.sqrt(WARMUP / (step + 1))))
+    return opt, sched
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+class StepClock:
+    """Marks on the device timeline (CUDA events) or on the host clock; step times are gaps between marks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+class ClockCallback(L.Callback):
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.clock.mark()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.mark()
+
+
+class BatchList(torch.utils.data.Dataset):
+    def __init__(self, batches: list[BenchBatch], n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        b = self.batches[i % len(self.batches)]
+        return {"src": b.src, "tgt": b.tgt}
+
+
+def bare_loop(model: nn.Module, step_loss: Callable, batches: list[BenchBatch], n_steps: int, v: Variant,
+              device: torch.device) -> list[float]:
+    """Train for n_steps over the cycled batches; returns every step's time in seconds."""
+    # as configure_optimizers: fused on CUDA; on CPU torch's default (per-tensor) implementation
+    cuda = device.type == "cuda"
+    opt, sched = make_optimizer(model, fused=v.fused and cuda, foreach=True if cuda and not v.fused else None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    amp = v.autocast and device.type == "cuda"
+    clock = StepClock(device)
+    model.train()
+    clock.mark()
+    for i in range(n_steps):
+        b = batches[i % len(batches)]
+        src, tgt = b.src.to(device, non_blocking=True), b.tgt.to(device, non_blocking=True)
+        if v.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = step_loss(src, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if v.item:
+            loss.item()
+        clock.mark()
+    return clock.intervals()
+
+
+def lightning_loop(module: TranslationModule, tokenizer: Tokenizer, batches: list[BenchBatch], n_steps: int,
+                   device: torch.device) -> list[float]:
+    """`Trainer.fit` over the cycled batches (CPU tensors, pinned: Lightning copies them), timed by a callback."""
+    clock = StepClock(device)
+    module.tokenizer = tokenizer
+    try:
+        bool(module._forward)
+    except TypeError:  # `forward or self.model` in TranslationModule._loss calls len() on a compiled module
+        log.warning("TranslationModule(compile=True) cannot train as is (`forward or self.model` on an OptimizedModule"
+                    " raises TypeError); benchmarking it with the compiled module wrapped in a plain function")
+        compiled = module._modules.pop("_forward")  # a registered child module: unregister it first
+        module._forward = lambda src, tgt: compiled(src, tgt)
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, max_steps=n_steps, precision="bf16-mixed" if device.type == "cuda" else
+        "32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=CLIP, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ClockCallback(clock)])
+    # the batches are pinned already (as DataLoader(pin_memory=True) leaves them); Lightning copies them non_blocking
+    loader = torch.utils.data.DataLoader(BatchList(batches, n_steps), batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return clock.intervals()
+
+
+# ---- SDPA dispatch -----------------------------------------------------------------------------------------------
+_ATTN_NAME = re.compile(r"scaled_dot_product_(flash|efficient|cudnn|attention_math|fused)|flash_fwd|flash_bwd|fmha|"
+                        r"cutlass.*attention|cudnn.*(sdpa|mha|attn)", re.IGNORECASE)
+
+
+def sdpa_dispatch(step_loss: Callable, batch: BenchBatch, device: torch.device) -> dict[str, int]:
+    """Profiler counts of the SDPA implementations (aten ops and GPU kernels) in one forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    src, tgt = batch.src.to(device), batch.tgt.to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = step_loss(src, tgt)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return {e.key[:120]: e.count for e in prof.key_averages() if _ATTN_NAME.search(e.key)}
+
+
+def sdpa_backend_probe(cfg: TransformerConfig, batch: BenchBatch, device: torch.device) -> dict[str, dict[str, str]]:
+    """Can each SDPA backend alone run our two kinds of call (forward + backward) at this batch's shapes?
+
+    `causal, no mask`: seq2seq decoder self-attention in training. `bool key mask`: encoder self-attention, cross-
+    attention and every decoder-only layer (a (B, 1, Lq, Lk) or (B, 1, 1, Lk) boolean mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T, S = batch.tgt.size(0), batch.tgt.size(1) - 1, batch.src.size(1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = (B, cfg.n_heads, T, cfg.head_dim)
+    q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.randn(B, cfg.n_heads, S, cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+    key_mask = (batch.src != PAD_ID).to(device)[:, None, None, :]
+    cases = {
+        "causal, no mask": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+        "bool key mask": lambda: F.scaled_dot_product_attention(q, kv, kv, attn_mask=key_mask),
+    }
+    out: dict[str, dict[str, str]] = {}
+    for name, call in cases.items():
+        out[name] = {}
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+            try:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    call().sum().backward()
+                out[name][backend] = "ok"
+            except RuntimeError as err:
+                out[name][backend] = "no: " + str(err).strip().splitlines()[0][:100]
+    return out
+
+
+# ---- one measurement ---------------------------------------------------------------------------------------------
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(arch: str, name: str, size: int, args, batches: list[BenchBatch], tokenizer: Tokenizer, cfg: TransformerConfig,
+            device: torch.device) -> dict:
+    v = VARIANTS[name]
+    free_memory(device)
+    torch.manual_seed(args.seed)
+    run = [bucket(b) for b in batches] if v.bucket else batches
+    shapes = len({(b.src.shape, b.tgt.shape) for b in run})
+    warmup = args.warmup + (3 * len(run) if v.compile else 0)  # every shape compiled (and recorded) before timing
+    started = time.perf_counter()
+    if v.impl == "lightning":
+        module = ours_module(arch, args.preset, cfg.vocab_size, compile=v.compile is not None)
+        times = lightning_loop(module, tokenizer, run, warmup + args.steps, device)
+        n_params = module.model.num_parameters()
+        del module
+    else:
+        model = (ours_module(arch, args.preset, cfg.vocab_size).model if v.impl == "ours"
+                 else hf_model(arch, cfg, args.hf_attn)).to(device)
+        forward = torch.compile(model, mode=v.compile) if v.compile else model
+        times = bare_loop(model, loss_fn(v.impl, arch, forward), run, warmup + args.steps, v, device)
+        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        del model, forward
+    wall = time.perf_counter() - started
+    timed = times[warmup:]
+    timed_batches = [run[(warmup + i) % len(run)] for i in range(len(timed))]
+    rates = [b.tokens / t for b, t in zip(timed_batches, timed)]
+    flops = [train_flops(arch, cfg, b.src_lens, b.tgt_lens) / t for b, t in zip(timed_batches, timed)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    row = {
+        "arch": arch, "max_tokens": size, "variant": name, "impl": v.impl, "params": n_params,
+        "steps_timed": len(timed), "warmup_steps": warmup, "distinct_shapes": shapes, "wall_s": round(wall, 2),
+        "tok_per_s": statistics.median(rates), "tok_per_s_mean": sum(b.tokens for b in timed_batches) / sum(timed),
+        "step_ms": 1e3 * statistics.median(timed), "peak_mem_gib": peak,
+        "real_tokens_per_step": statistics.median(b.tokens for b in timed_batches),
+        "padded_tokens_per_step": statistics.median(b.padded for b in timed_batches),
+        "achieved_tflops": statistics.median(flops) / 1e12,
+        "mfu": statistics.median(flops) / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+    }
+    log.info("%s %s %d: %.0f tok/s, %.1f ms/step", arch, name, size, row["tok_per_s"], row["step_ms"])
+    return row
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| arch | max_tokens | variant | real tok/step | tok/s | step ms | peak GiB | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['arch']} | {r['max_tokens']} | {r['variant']} | {r['real_tokens_per_step']:.0f} | "
+                     f"{r['tok_per_s']:,.0f} | {r['step_ms']:.1f} | {_fmt(r['peak_mem_gib'], '.2f')} | "
+                     f"{r['achieved_tflops']:.2f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per (arch, size): ours/HF (eager vs eager, best ours vs HF) and the Lightning-vs-bare-loop gap."""
+    out = []
+    for (arch, size), group in itertools.groupby(rows, key=lambda r: (r["arch"], r["max_tokens"])):
+        by = {r["variant"]: r["tok_per_s"] for r in group}
+        ours = {k: t for k, t in by.items() if VARIANTS[k].impl == "ours"}
+        best = max(ours, key=ours.get) if ours else None
+        entry = {"arch": arch, "max_tokens": size, "best_ours": best}
+        if "hf" in by:
+            entry["eager_over_hf"] = by["eager"] / by["hf"] if "eager" in by else None
+            entry["best_over_hf"] = ours[best] / by["hf"] if best else None
+        if "hf-compile" in by and "compile" in by:
+            entry["compile_over_hf_compile"] = by["compile"] / by["hf-compile"]
+        if "lightning" in by and "eager" in by:
+            entry["lightning_gap"] = by["lightning"] / by["eager"] - 1
+        if "lightning-compile" in by and "compile" in by:
+            entry["lightning_compile_gap"] = by["lightning-compile"] / by["compile"] - 1
+        out.append(entry)
+    return out
+
+
+def ratio_markdown(entries: list[dict]) -> str:
+    def f(x, pct=False):
+        return "-" if x is None else (f"{100 * x:+.1f}%" if pct else f"{x:.2f}x")
+
+    header = ("| arch | max_tokens | eager / HF | best ours / HF (variant) | compile / HF compile | "
+              "Lightning vs bare (eager) | Lightning vs bare (compile) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['arch']} | {e['max_tokens']} | {f(e.get('eager_over_hf'))} | "
+                     f"{f(e.get('best_over_hf'))} ({e['best_ours'] or '-'}) | {f(e.get('compile_over_hf_compile'))} | "
+                     f"{f(e.get('lightning_gap'), True)} | {f(e.get('lightning_compile_gap'), True)} |")
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> dict:
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "lightning": L.__version__, "device": str(device),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    p.add_argument("--archs", nargs="+", default=list(MODULES), choices=list(MODULES))
+    p.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384, 65536, 131072],
+                   help="token budgets (max_tokens, padded src + tgt per batch); 8192 is the recipe's")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiled variants add 3 per shape)")
+    p.add_argument("--batches", type=int, default=8, help="distinct real batches per size, cycled")
+    p.add_argument("--preset", default="base", help="model size preset (tiny/small/base)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--data", default="../shared/data/multi30k", help="Multi30k directory (or anything load_pairs reads)")
+    p.add_argument("--tokenizer", help="a trained .model file (default: trained once and cached)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default 989 = H100 SXM dense bf16 on CUDA)")
+    p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (sdpa, eager, flash_attention_2)")
+    p.add_argument("--no-sdpa-report", action="store_true", help="skip the SDPA dispatch report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batches < 1:
+        p.error("need --steps >= 1, --warmup >= 0, --batches >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = 989.0
+    variants = []
+    for name in args.variants:
+        v = VARIANTS[name]
+        if device.type != "cuda" and (v.cuda_only or v.same_on_cpu):
+            log.warning("skipping %s on %s (%s)", name, device, "needs CUDA" if v.cuda_only else "same as eager here")
+        elif device.type != "cuda" and name in COMPILED_ON_CPU_ONLY_IF_ASKED and args.variants == DEFAULT_VARIANTS:
+            log.warning("skipping %s on CPU by default (slow to compile); name it in --variants to run it", name)
+        else:
+            variants.append(name)
+    if any(VARIANTS[n].impl == "hf" for n in variants):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            log.warning("transformers is not installed: skipping the Hugging Face rows (pip install transformers)")
+            variants = [n for n in variants if VARIANTS[n].impl != "hf"]
+
+    tokenizer = load_tokenizer(args.data, args.vocab_size, args.tokenizer)
+    rows, sdpa, failures = [], {}, []
+    for size in args.tokens:
+        batches = make_batches(args.data, tokenizer, size, args.batches, args.seed, pin=device.type == "cuda")
+        log.info("max_tokens %d: %d batches, %.0f real / %.0f padded tokens each (median)", size, len(batches),
+                 statistics.median(b.tokens for b in batches), statistics.median(b.padded for b in batches))
+        for arch in args.archs:
+            cfg = MODULES[arch].config_class.preset(args.preset, vocab_size=tokenizer.vocab_size)
+            if not args.no_sdpa_report and arch not in sdpa:
+                sdpa[arch] = {"backend_probe": sdpa_backend_probe(cfg, batches[0], device)}
+                for impl in ("ours", "hf"):
+                    if impl == "hf" and not any(VARIANTS[n].impl == "hf" for n in variants):
+                        continue
+                    free_memory(device)
+                    model = (ours_module(arch, args.preset, cfg.vocab_size).model if impl == "ours"
+                             else hf_model(arch, cfg, args.hf_attn)).to(device)
+                    sdpa[arch][impl] = sdpa_dispatch(loss_fn(impl, arch, model), batches[0], device)
+                    del model
+            for name in variants:
+                try:
+                    rows.append(measure(arch, name, size, args, batches, tokenizer, cfg, device))
+                except Exception as err:  # one failing variant (OOM, compile error) must not end the sweep
+                    log.exception("%s %s at %d tokens failed", arch, name, size)
+                    failures.append({"arch": arch, "max_tokens": size, "variant": name,
+                                     "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"})
+                    free_memory(device)
+
+    table, ratio_entries = markdown(rows), ratios(rows)
+    print(f"\n## Training throughput ({machine(device).get('gpu', 'CPU')}, preset {args.preset})\n")
+    print(table)
+    print("\n## Ratios\n")
+    print(ratio_markdown(ratio_entries))
+    for f in failures:
+        print(f"FAILED: {f['arch']} {f['variant']} at {f['max_tokens']} tokens: {f['error']}")
+    if sdpa:
+        print("\n## SDPA dispatch (profiler counts over one forward + backward; backend probe at the first batch)\n")
+        print(json.dumps(sdpa, indent=1))
+    print(f"\nMFU peak: {args.peak_tflops} TFLOP/s. {FLOPS_FORMULA}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result = {"machine": machine(device), "command": " ".join(sys.argv), "peak_tflops": args.peak_tflops,
+                  "flops_formula": FLOPS_FORMULA, "results": rows, "failures": failures, "ratios": ratio_entries, "sdpa": sdpa,
+                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        args.json.write_text(json.dumps(result, indent=1))
+        log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
