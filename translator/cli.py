@@ -4,32 +4,134 @@
 
 The model is chosen by `class_path` (`translator.module.Seq2SeqModule` or `translator.module.DecoderOnlyModule`);
 the vocabulary size is linked from the data to the model, never typed twice.
+
+Errors in what the user gave (a missing file, malformed data, a bad or unsafe checkpoint, a tokenizer that does not
+match the checkpoint) end the command with one line, `translator: error: <message>`, and exit status 2, like
+argument errors; set TRANSLATOR_DEBUG=1 to get the traceback instead. A run stopped by SIGTERM (after
+`translator.callbacks.PreemptionCheckpoint` saved `last.ckpt`) exits with 143; resume it with `--ckpt_path last`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from translator import checkpoint
 from translator.data import TranslationDataModule
 from translator.module import TranslationModule
+from translator.tokenizer import Tokenizer
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the run's own checkpoints
 
 
 class TranslatorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
+    # A --ckpt_path file is read safely (translator.checkpoint.read: weights_only=True) right after parsing: Lightning
+    # itself loads it next (LightningCLI merges its hyperparameters into the config) and would fail with torch's
+    # unpickling or zip errors; and after instantiation its model and tokenizer are checked against the config's.
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._ckpt_meta = None
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is not None and str(path) not in _SPECIAL_CKPT_PATHS and not str(path).startswith("registry"):
+            self._ckpt_meta = (str(path), checkpoint.read(path)["translator"])
+
+    def before_fit(self) -> None:
+        self._check_ckpt_matches()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_matches()
+
+    def before_test(self) -> None:
+        self._check_ckpt_matches()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_matches()
+
+    def _check_ckpt_matches(self) -> None:
+        """Refuse a checkpoint of the other architecture, or made with another tokenizer than the data's.
+
+        Lightning would fail on a vocabulary size mismatch deep inside load_state_dict, and would not fail at all on a
+        different tokenizer of the same size (every id would mean another piece).
+        """
+        if self._ckpt_meta is None:
+            return
+        path, meta = self._ckpt_meta
+        model = self.model
+        if meta.get("arch") != model.arch:
+            raise checkpoint.CheckpointError(
+                f"{path}: a {meta.get('arch')!r} checkpoint, but the config builds {model.arch!r} "
+                f"({type(model).__name__}); set --model.class_path to match"
+            )
+        saved_vocab, vocab = meta["config"].get("vocab_size"), model.config.vocab_size
+        tokenizer_file = self._data_tokenizer_file()
+        if saved_vocab != vocab:
+            raise checkpoint.CheckpointError(
+                f"{path}: vocab size mismatch: the checkpoint's model has {saved_vocab} pieces, but the data's "
+                f"tokenizer ({tokenizer_file or f'--data.vocab_size {vocab}'}) has {vocab}; use the tokenizer the "
+                "checkpoint was trained with (--data.tokenizer)"
+            )
+        if tokenizer_file is not None and Tokenizer.from_file(tokenizer_file).to_bytes() != meta["tokenizer"].numpy().tobytes():
+            raise checkpoint.CheckpointError(
+                f"{path}: the checkpoint was trained with a different tokenizer than {tokenizer_file} (same size, "
+                "other pieces); use the tokenizer it was trained with (--data.tokenizer)"
+            )
+
+    def _data_tokenizer_file(self) -> str | None:
+        """The tokenizer file the DataModule will use, when it exists already (else prepare_data trains it)."""
+        dm = self.datamodule
+        if not isinstance(dm, TranslationDataModule):
+            return None
+        path = dm.tokenizer_path
+        return str(path) if path.is_file() else None
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The message of an error in the user's input (data, files, checkpoint, config values), None for a bug.
+
+    FileNotFoundError and CheckpointError count wherever they come from; ValueError when translator code raised it
+    (in this process, or in a DataLoader worker: torch re-raises those with the worker's traceback as the message).
+    """
+    message = str(err)
+    if "Original Traceback" in message:  # from a DataLoader worker: keep the original exception's last line
+        origin_is_ours = f"{_PACKAGE_DIR}{os.sep}" in message.rsplit('File "', 1)[-1]
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    else:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        origin_is_ours = tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
+    if isinstance(err, (FileNotFoundError, checkpoint.CheckpointError)):
+        return message
+    if isinstance(err, ValueError) and origin_is_ours:
+        return message
+    return None
+
 
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    TranslatorCLI(
-        TranslationModule,
-        TranslationDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        TranslatorCLI(
+            TranslationModule,
+            TranslationDataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as err:
+        message = _user_error(err)
+        if message is None or os.environ.get("TRANSLATOR_DEBUG", "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"translator: error: {message}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
