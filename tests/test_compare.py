@@ -126,19 +126,19 @@ def report(runs, script, tmp_path_factory) -> tuple[Path, dict, str]:
 # ---- end to end --------------------------------------------------------------------------------------------------
 def test_compare_writes_every_output_with_every_column(report):
     out, data, stdout = report
-    for name in ("report.md", "report.json", "curves_step.png", "bleu_by_length_test.png"):
+    for name in ("report.md", "report.json", "curves_step.png", "curves_time.png", "bleu_by_length_test.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (out / "curves_time.png").exists()  # the module logs no time column (yet)
     expected = ["model", "testset", "parameters", "non_embedding_parameters", "steps", "bleu", "bleu_bs", "chrf",
-                "chrf_bs", "ppl", "sent_per_s", "train_tok_per_s"]
+                "chrf_bs", "ppl", "sent_per_s", "train_tok_per_s", "train_wall_s"]
     assert data["columns"] == expected
     assert [r["model"] for r in data["rows"]] == ["encdec", "decoder_only"]
     for row in data["rows"]:
         assert row["sentences"] == SIZES["test"] and row["steps"] == 30
         assert 0 < row["non_embedding_parameters"] < row["parameters"]
         assert 1 < row["ppl"] < 1000 and row["sent_per_s"] > 0 and row["train_tok_per_s"] > 0
+        assert row["train_wall_s"] > 0
         assert [b["bucket"] for b in row["bleu_by_length"]] == ["1-10", "11-15", "16-20", "21-25", "26+"]
         assert sum(b["sentences"] for b in row["bleu_by_length"]) == SIZES["test"]
     base, other = data["rows"]
@@ -146,7 +146,7 @@ def test_compare_writes_every_output_with_every_column(report):
     assert other["chrf_bs"]["delta"] == pytest.approx(other["chrf"] - base["chrf"])
     assert "bs:300" in data["signatures"]["paired_bs"]["BLEU"] and "nrefs:1" in data["signatures"]["chrF"]
     md = (out / "report.md").read_text()
-    assert "| encdec | test |" in md and "![validation curves](curves_step.png)" in md and "train/elapsed_s" in md
+    assert "| encdec | test |" in md and "![validation curves](curves_step.png)" in md and "no time column" not in md
     assert stdout.startswith("| model | test set | params |") and stdout.count("\n") == 4  # header, rule, 2 rows
 
 
@@ -239,7 +239,7 @@ def test_missing_logs_leave_the_training_columns_out(runs, script, tmp_path, cap
 
 
 def test_a_logged_time_column_gives_wall_time_and_time_curves(runs, tmp_path):
-    """The module logs no time yet; a metrics.csv with `train/elapsed_s` (what we asked for) is used when there."""
+    """A metrics.csv with `train/elapsed_s` gives wall time and curves against time."""
     rows = list(csv.DictReader(runs["encdec"].with_name("metrics.csv").open()))
     with (tmp_path / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, [*rows[0], "train/elapsed_s"])

@@ -132,7 +132,13 @@ class TranslationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokenizer = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].numpy().tobytes())
+        saved = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].numpy().tobytes())
+        if self.tokenizer is not None and self.tokenizer != saved:
+            raise ValueError(
+                "the checkpoint was trained with another tokenizer than the data's: give the data module the "
+                "checkpoint's tokenizer (--data.tokenizer) or start a new run"
+            )
+        self.tokenizer = saved
         self._elapsed = checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0)
 
     def _elapsed_s(self) -> float:
