@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
 from translator.data import TranslationDataModule
@@ -27,6 +27,15 @@ from translator.tokenizer import Tokenizer
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the run's own checkpoints
+
+
+class SaveFitConfig(SaveConfigCallback):
+    """Write the resolved config.yaml next to the logs of `fit` only: validate/test/predict would overwrite the
+    training run's copy, or drop a config.yaml into the working directory when the logger is off."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 class TranslatorCLI(LightningCLI):
@@ -123,6 +132,7 @@ def main(args: list[str] | None = None) -> None:
             TranslationModule,
             TranslationDataModule,
             subclass_mode_model=True,
+            save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
         )
