@@ -337,13 +337,6 @@ def lightning_loop(module: TranslationModule, tokenizer: Tokenizer, batches: lis
     """`Trainer.fit` over the cycled batches (CPU tensors, pinned: Lightning copies them), timed by a callback."""
     clock = StepClock(device)
     module.tokenizer = tokenizer
-    try:
-        bool(module._forward)
-    except TypeError:  # `forward or self.model` in TranslationModule._loss calls len() on a compiled module
-        log.warning("TranslationModule(compile=True) cannot train as is (`forward or self.model` on an OptimizedModule"
-                    " raises TypeError); benchmarking it with the compiled module wrapped in a plain function")
-        compiled = module._modules.pop("_forward")  # a registered child module: unregister it first
-        module._forward = lambda src, tgt: compiled(src, tgt)
     trainer = L.Trainer(
         accelerator=device.type, devices=1, max_steps=n_steps, precision="bf16-mixed" if device.type == "cuda" else
         "32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

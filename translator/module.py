@@ -97,7 +97,9 @@ class TranslationModule(L.LightningModule):
         )
         self.model = self.model_class(self.config)
         self.tokenizer: Tokenizer | None = None
-        self._forward = torch.compile(self.model) if compile else self.model
+        # a bound method, not a module attribute: a second reference to the model as a child module would save
+        # every weight twice in the checkpoint
+        self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self.val_loss, self.val_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
         self.val_bleu, self.val_chrf = BLEU(), CHRF()
         self.test_loss, self.test_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
