@@ -156,6 +156,17 @@ class PreemptionCheckpoint(Checkpoint):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._maybe_save_and_exit(trainer)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run that stops between periodic saves (max_time, or max_steps off the every_n_train_steps grid) still
+        leaves ``last.ckpt`` at its final step: ModelCheckpoint writes it at the end only if it never saved one."""
+        path = self._last_path(trainer)
+        saved = [getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks
+                 if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.last_model_path == path]
+        if trainer.global_step > 0 and trainer.global_step not in saved:
+            trainer.save_checkpoint(path, weights_only=False)
+            log.info(rank_prefixed_message(f"end of training: saved {path} at step {trainer.global_step}",
+                                           trainer.global_rank))
+
     def _maybe_save_and_exit(self, trainer: L.Trainer) -> None:
         signalled = self._signalled
         if trainer.world_size > 1:  # every rank must take the same decision: save_checkpoint is collective
