@@ -1,4 +1,4 @@
-"""`translator`: the Lightning CLI (fit / validate / test / predict) over both architectures.
+"""`translator`: the Lightning CLI (fit / validate / test) over both architectures.
 
     translator fit --config configs/encdec.yaml --config configs/data/multi30k.yaml --config configs/trainer/gpu.yaml
 
@@ -30,7 +30,7 @@ _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the
 
 
 class SaveFitConfig(SaveConfigCallback):
-    """Write the resolved config.yaml next to the logs of `fit` only: validate/test/predict would overwrite the
+    """Write the resolved config.yaml next to the logs of `fit` only: validate/test would overwrite the
     training run's copy, or drop a config.yaml into the working directory when the logger is off."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -39,6 +39,13 @@ class SaveFitConfig(SaveConfigCallback):
 
 
 class TranslatorCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; translating files is `scripts/translate.py`, which keeps the input order."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
@@ -60,9 +67,6 @@ class TranslatorCLI(LightningCLI):
         self._check_ckpt_matches()
 
     def before_test(self) -> None:
-        self._check_ckpt_matches()
-
-    def before_predict(self) -> None:
         self._check_ckpt_matches()
 
     def _check_ckpt_matches(self) -> None:
