@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from translator.config import TransformerConfig
+from translator.config import TransformerConfig, train_flops
 from translator.data import TokenBatches, TranslationDataModule, load_pairs
 from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
@@ -171,24 +171,6 @@ FLOPS_FORMULA = (
     "(bidirectional prefix; s^2/2 for prefix_mode=causal). Causal blocks count half. Embedding lookups, norms, "
     "softmax and the optimiser are not counted."
 )
-
-
-def train_flops(arch: str, cfg: TransformerConfig, src_lens: Tensor, tgt_lens: Tensor) -> float:
-    """Model FLOPs of one training step on real tokens (see FLOPS_FORMULA). src_lens, tgt_lens: (B,)."""
-    d, V = cfg.d_model, cfg.vocab_size
-    mlp = d * cfg.d_ff * (3 if cfg.activation == "swiglu" else 2)
-    s, t = src_lens.double(), tgt_lens.double()
-    S, T = float(s.sum()), float(t.sum())
-    ss, tt, ts = float((s * s).sum()), float((t * t).sum()), float((t * s).sum())
-    if arch == "seq2seq":
-        le, ld = cfg.n_encoder_layers, cfg.n_decoder_layers
-        matmul = S * (le * (4 * d * d + mlp) + ld * 2 * d * d) + T * (ld * (6 * d * d + mlp) + d * V)
-        attn = 4 * d * (le * ss + ld * (tt / 2 + ts))
-    else:
-        n = cfg.n_layers
-        matmul = (S + T) * n * (4 * d * d + mlp) + T * d * V
-        attn = 4 * d * n * ((ss / 2 if cfg.prefix_mode == "causal" else ss) + ts + tt / 2)
-    return 6 * matmul + 3 * attn
 
 
 # ---- models and losses ---------------------------------------------------------------------------------------------
@@ -431,7 +413,7 @@ def measure(arch: str, name: str, size: int, args, batches: list[BenchBatch], to
     timed = times[warmup:]
     timed_batches = [run[(warmup + i) % len(run)] for i in range(len(timed))]
     rates = [b.tokens / t for b, t in zip(timed_batches, timed)]
-    flops = [train_flops(arch, cfg, b.src_lens, b.tgt_lens) / t for b, t in zip(timed_batches, timed)]
+    flops = [train_flops(cfg, b.src_lens, b.tgt_lens) / t for b, t in zip(timed_batches, timed)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     row = {
         "arch": arch, "max_tokens": size, "variant": name, "impl": v.impl, "params": n_params,

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
 
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -118,3 +120,28 @@ DecoderOnlyConfig._presets = {
     "small": {**_SIZES["small"], "n_layers": 7},
     "base": {**_SIZES["base"], "n_layers": 7},
 }
+
+
+def train_flops(config: TransformerConfig, src_lens: torch.Tensor, tgt_lens: torch.Tensor) -> float:
+    """Model FLOPs of one training step (forward + backward) over a batch's real tokens, for MFU.
+
+    src_lens, tgt_lens: (B,) non-pad token counts (target: `y1 .. yn <eos>`). 6 x the matmul weights each token
+    passes through, per side (seq2seq: the source through the encoder and the cross-attention K/V projection, the
+    target through the decoder and the output layer; decoder-only: every token through every layer, the output
+    layer on target tokens only), plus 3 x the attention forward (q.k and p.v, 2 x 2d FLOPs per query-key pair;
+    causal blocks count half). Embedding lookups, norms, softmax and the optimizer are not counted.
+    """
+    d, V = config.d_model, config.vocab_size
+    mlp = d * config.d_ff * (3 if config.activation == "swiglu" else 2)
+    s, t = src_lens.double(), tgt_lens.double()
+    S, T = float(s.sum()), float(t.sum())
+    ss, tt, ts = float((s * s).sum()), float((t * t).sum()), float((t * s).sum())
+    if isinstance(config, Seq2SeqConfig):
+        le, ld = config.n_encoder_layers, config.n_decoder_layers
+        matmul = S * (le * (4 * d * d + mlp) + ld * 2 * d * d) + T * (ld * (6 * d * d + mlp) + d * V)
+        attn = 4 * d * (le * ss + ld * (tt / 2 + ts))
+    else:
+        n = config.n_layers
+        matmul = (S + T) * n * (4 * d * d + mlp) + T * d * V
+        attn = 4 * d * n * ((ss / 2 if config.prefix_mode == "causal" else ss) + ts + tt / 2)
+    return 6 * matmul + 3 * attn
