@@ -16,7 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from translator.config import DecoderOnlyConfig
-from translator.layers import Block, DecodeState, LayerCache, Positions, count_parameters, init_weights
+from translator.layers import (
+    Block,
+    DecodeState,
+    LayerCache,
+    Positions,
+    causal_mask,
+    count_parameters,
+    init_weights,
+)
 
 
 class DecoderOnlyTransformer(nn.Module):
@@ -103,9 +111,7 @@ class DecoderOnlyTransformer(nn.Module):
         pos = state.pos[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
         x, rope = self._embed(tokens, pos, 1, start + n)  # `start + n` bounds the ids: pos <= S + steps
         keep = torch.cat([~state.key_pad, torch.ones(B, start + n - S, dtype=torch.bool, device=tokens.device)], 1)
-        offset = start  # new token i sits at key index start + i
-        causal = torch.arange(start + n, device=tokens.device)[None, :] <= offset + torch.arange(n, device=tokens.device)[:, None]
-        mask = keep[:, None, None, :] & causal  # (B, 1, n, start+n)
+        mask = keep[:, None, None, :] & causal_mask(n, start + n, tokens.device)  # (B, 1, n, start+n)
         for block, cache in zip(self.blocks, state.layers):
             x = block(x, mask=mask, rope=rope, cache=cache)
         state.pos = state.pos + n
