@@ -293,6 +293,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def check_budget(max_tokens: int, max_len: int, pad_to_multiple: int) -> None:
+    """A batch budget must hold one pair of the longest allowed length, padded (tgt has bos and eos)."""
+    need = round_up(max_len, pad_to_multiple) + round_up(max_len + 2, pad_to_multiple)
+    if max_tokens < need:
+        raise ValueError(f"max_tokens={max_tokens} cannot hold one pair of max_len={max_len} tokens ({need} padded)")
+
+
 def token_budget_batches(
     lengths: Sequence[tuple[int, int]], max_tokens: int, pad_to_multiple: int = 1
 ) -> list[list[int]]:
@@ -369,11 +376,7 @@ class TokenBatches(IterableDataset):
         limit_pairs: int | None = None,
     ) -> None:
         super().__init__()
-        need = round_up(max_len, pad_to_multiple) + round_up(max_len + 2, pad_to_multiple)
-        if max_tokens < need:
-            raise ValueError(
-                f"max_tokens={max_tokens} cannot hold one pair of max_len={max_len} tokens ({need} padded)"
-            )
+        check_budget(max_tokens, max_len, pad_to_multiple)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.pairs, self.tokenizer = pairs, tokenizer
@@ -525,11 +528,7 @@ class TranslationDataModule(L.LightningDataModule):
                 raise ValueError(f"{key} must be positive, got {self.hparams[key]}")
         if num_workers < 0 or (limit_val_pairs is not None and limit_val_pairs < 1):
             raise ValueError(f"bad num_workers={num_workers} or limit_val_pairs={limit_val_pairs}")
-        need = round_up(max_len, pad_to_multiple) + round_up(max_len + 2, pad_to_multiple)
-        if max_tokens < need:
-            raise ValueError(
-                f"max_tokens={max_tokens} cannot hold one pair of max_len={max_len} tokens ({need} padded)"
-            )
+        check_budget(max_tokens, max_len, pad_to_multiple)
         self._tokenizer = Tokenizer.from_file(tokenizer) if tokenizer else None
         if self._tokenizer is not None and self._tokenizer.vocab_size != vocab_size:
             # a given tokenizer fixes the vocabulary: adopt its size (the model is linked to it) rather than keep a
