@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from translator import generate
 from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfig
@@ -100,9 +99,10 @@ class TranslationModule(L.LightningModule):
         # a bound method, not a module attribute: a second reference to the model as a child module would save
         # every weight twice in the checkpoint
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
-        self.val_loss, self.val_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
+        # token-weighted mean NLL over target tokens; perplexity is its exp (one softmax, synced across ranks)
+        self.val_loss = MeanMetric()
         self.val_bleu, self.val_chrf = BLEU(), CHRF()
-        self.test_loss, self.test_ppl = MeanMetric(), Perplexity(ignore_index=PAD_ID)
+        self.test_loss = MeanMetric()
         self.test_bleu, self.test_chrf = BLEU(), CHRF()
         self._val_runs = 0
         self._decoded = 0
@@ -217,11 +217,10 @@ class TranslationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any], loss_metric, ppl_metric, bleu, chrf, decode: bool, beam: int):
-        loss, logits = self._loss(batch, 0.0)
+    def _evaluate(self, batch: dict[str, Any], loss_metric, bleu, chrf, decode: bool, beam: int):
+        loss, _ = self._loss(batch, 0.0)
         n = (batch["tgt"][:, 1:] != PAD_ID).sum()
         loss_metric.update(loss, weight=n)
-        ppl_metric.update(logits.float(), batch["tgt"][:, 1:])
         if decode:
             hyps = self.translate_ids(batch["src"], beam)
             bleu.update(hyps, batch["tgt_text"])
@@ -246,12 +245,13 @@ class TranslationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         limit = self.hparams.bleu_sentences
         decode = self._bleu_due() and (limit is None or self._decoded < limit)
-        self._evaluate(batch, self.val_loss, self.val_ppl, self.val_bleu, self.val_chrf, decode, 1)
+        self._evaluate(batch, self.val_loss, self.val_bleu, self.val_chrf, decode, 1)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log("val/ppl", self.val_ppl.compute(), prog_bar=True)
-        self.val_loss.reset(), self.val_ppl.reset()
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp(), prog_bar=True)
+        self.val_loss.reset()
         if self._bleu_due():
             self.log("val/bleu", self.val_bleu.compute(), prog_bar=True)
             self.log("val/chrf", self.val_chrf.compute())
@@ -260,13 +260,16 @@ class TranslationModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         beam = self.hparams.test_beam_size
-        self._evaluate(batch, self.test_loss, self.test_ppl, self.test_bleu, self.test_chrf, True, beam)
+        self._evaluate(batch, self.test_loss, self.test_bleu, self.test_chrf, True, beam)
 
     def on_test_epoch_end(self) -> None:
-        for name, metric in [("loss", self.test_loss), ("ppl", self.test_ppl), ("bleu", self.test_bleu),
-                             ("chrf", self.test_chrf)]:
+        loss = self.test_loss.compute()
+        self.log("test/loss", loss)
+        self.log("test/ppl", loss.exp())
+        for name, metric in [("bleu", self.test_bleu), ("chrf", self.test_chrf)]:
             self.log(f"test/{name}", metric.compute())
             metric.reset()
+        self.test_loss.reset()
         self._log_signature(self.test_bleu, self.test_chrf)
 
     def _log_signature(self, bleu, chrf) -> None:
