@@ -80,11 +80,18 @@ def timed(fn, batches: list, device: torch.device, warm=None) -> tuple[float, li
     return time.perf_counter() - start, outs
 
 
-def search(model: nn.Module, src: Tensor, beam: int, max_len_a: float, max_len_b: float) -> list[list[int]]:
-    """Token ids of the best hypothesis per sentence: `generate.greedy` for beam 1, else `generate.beam_search`."""
+def search(model: nn.Module, src: Tensor, beam: int, max_len_a: float, max_len_b: float, static: bool = False
+           ) -> list[list[int]]:
+    """Token ids of the best hypothesis per sentence: `generate.greedy` for beam 1, else `generate.beam_search`;
+    static: their fixed-shape form, one CUDA graph per batch on a GPU."""
     if beam == 1:
-        return generate.greedy(model, src, max_len_a, max_len_b)
-    return [h[0].tokens for h in generate.beam_search(model, src, beam, 1.0, max_len_a, max_len_b)]
+        return generate.greedy(model, src, max_len_a, max_len_b, static=static)
+    return [h[0].tokens for h in generate.beam_search(model, src, beam, 1.0, max_len_a, max_len_b, static=static)]
+
+
+def search_label(beam: int, static: bool, device: torch.device) -> str:
+    label = "greedy" if beam == 1 else f"beam{beam}"
+    return f"{label} {'graphs' if device.type == 'cuda' else 'static'}" if static else label
 
 
 def row(model: str, arch: str, search: str, rule: str, n_sent: int, n_tok: int, seconds: float, **extra) -> dict:
@@ -114,11 +121,13 @@ def checkpoint_rows(path: str, sentences: list[str], refs: list[str] | None, arg
         return sacrebleu.corpus_bleu(texts, [refs]).score
 
     warm = batches[0][:8]
-    for beam in args.beams:
-        secs, outs = timed(lambda src, k=beam: search(model, src, k, MAX_LEN_A, MAX_LEN_B), batches, device, warm)
+    for beam, static in [(b, st) for b in args.beams for st in args.static]:
+        secs, outs = timed(lambda src, k=beam, st=static: search(model, src, k, MAX_LEN_A, MAX_LEN_B, st), batches,
+                           device, warm)
         n_tok = sum(len(h) + 1 for batch in outs for h in batch)  # + eos
-        rows.append(row(name, arch, "greedy" if beam == 1 else f"beam{beam}", "eos or 1.2*src+10", len(flat), n_tok,
-                        secs, bleu=bleu(outs)))
+        rows.append(row(name, arch, search_label(beam, static, device), "eos or 1.2*src+10", len(flat), n_tok, secs,
+                        bleu=bleu(outs)))
+    for beam in args.beams:
         sync(device)
         start = time.perf_counter()
         out = translate(model, tokenizer, sentences, beam=beam, batch_tokens=args.batch_tokens)
@@ -175,10 +184,11 @@ def comparison_rows(arch: str, cfg: TransformerConfig, tokenizer: Tokenizer, sen
     rule = "fixed: L+1 steps/batch"
     rows = []
     ours = random_ours(arch, cfg, device)
-    for beam in args.beams:
-        label = "greedy" if beam == 1 else f"beam{beam}"
+    for beam, static in [(b, st) for b in args.beams for st in args.static]:
+        label = search_label(beam, static, device)
         jobs, warm = list(zip(srcs, caps)), (srcs[0][:8], 4)  # warm-up: a few rows, a few steps
-        secs, outs = timed(lambda job, k=beam: search(ours, job[0], k, 0.0, job[1]), jobs, device, warm)
+        secs, outs = timed(lambda job, k=beam, st=static: search(ours, job[0], k, 0.0, job[1], st), jobs, device,
+                           warm)
         short = sum(len(h) < L for batch, L in zip(outs, caps) for h in batch)
         if short:
             log.warning("ours %s %s: %d hypotheses ended before L (eos chosen); tokens/s overstates it", arch, label,
@@ -216,7 +226,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
         if r["model"] != "ours (random init)" or r["search"].startswith("translate"):
             continue
         hf = next((h for h in rows if h["model"].startswith("hf ") and h["arch"] == r["arch"]
-                   and h["search"] == r["search"]), None)
+                   and h["search"] == r["search"].split()[0]), None)
         if hf:
             out.append({"arch": r["arch"], "search": r["search"], "ours_over_hf": r["sent_per_s"] / hf["sent_per_s"]})
     return out
@@ -247,6 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="../shared/data/multi30k", help="tokenizer training data (no checkpoint)")
     p.add_argument("--tokenizer", help="a trained .model file (no checkpoint)")
     p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--static", nargs="+", type=lambda v: {"no": False, "yes": True}[v], default=[False, True],
+                   metavar="{no,yes}", help="our search dynamic (no), static (yes: CUDA graphs on a GPU), or both")
     p.add_argument("--no-hf", action="store_true", help="skip the HF comparison")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

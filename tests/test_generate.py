@@ -30,14 +30,16 @@ class ScriptedState:
         self.src = src  # (B, S)
         self.prefix = torch.empty((src.size(0), 0), dtype=torch.long)  # (B, t) tokens fed so far, start included
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, beams_only: bool = False) -> None:
+        if beams_only:  # the search's promise: each new row comes from a row of the same source
+            assert torch.equal(self.src[index], self.src)
         self.src, self.prefix = self.src[index], self.prefix[index]
 
 
 class BrokenReorderState(ScriptedState):
     """Selects the right rows but in sorted order: a cache that forgets to permute."""
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, beams_only: bool = False) -> None:
         super().reorder(index.sort().values)
 
 
@@ -287,3 +289,61 @@ def test_real_batched_equals_one_by_one(real):
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
         assert batched_greedy[i] == greedy(model, row)[0]
     assert model.training is False  # the search leaves the mode alone
+
+
+# ---- the static search (fixed shapes, CUDA graphs on a GPU) ----------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(beam_size=4, nbest=4, max_len_a=1.0, max_len_b=4),
+        dict(beam_size=3, nbest=2, length_penalty=0.0, early_stopping=False),
+        dict(beam_size=2, length_penalty=1.5, penalty="average", max_len_a=0.5, max_len_b=1),
+        dict(beam_size=1),
+    ],
+    ids=["nbest", "no-early-stop", "average-short", "beam1"],
+)
+def test_real_static_equals_dynamic(real, kw):
+    """Same hypotheses and scores, although the static search keeps done sentences' rows to the end."""
+    model, src = real
+    dynamic, static = beam_search(model, src, **kw), beam_search(model, src, static=True, **kw)
+    for got, want in zip(static, dynamic):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    if kw["beam_size"] == 1:
+        assert greedy(model, src, static=True) == greedy(model, src)
+
+
+def test_static_step_keeps_shapes_and_addresses(real):
+    """What a CUDA graph needs: after make_static, steps and beam reorders update the same tensors in place."""
+    model, src = real
+    with torch.inference_mode():
+        state = model.init_state(src)
+        state.reorder(torch.arange(src.size(0)).repeat_interleave(2))
+        state.make_static(6)
+
+        def buffers():
+            return [(t.data_ptr(), t.shape) for layer in state.layers for t in (layer.self_kv.k, layer.self_kv.v)]
+
+        before, pos = buffers(), state.pos.data_ptr()
+        last = torch.full((state.pos.size(0), 1), model.start_id)
+        for step in range(4):
+            logits = model.decode_step(last, state)
+            last = logits[:, -1].argmax(-1, keepdim=True)
+            state.reorder(torch.arange(state.pos.size(0)).view(-1, 2).flip(1).reshape(-1), beams_only=True)
+        assert buffers() == before and state.pos.data_ptr() == pos
+        assert int(state.layers[-1].self_kv.filled) == state.length - 6 + 4
+
+
+def test_static_decoding_equals_dynamic_logits(real):
+    """Step by step, the fixed-size cache (stale slots masked out) gives the growing cache's logits."""
+    model, src = real
+    tokens = torch.randint(5, REAL_VOCAB, (src.size(0), 5), generator=torch.Generator().manual_seed(3))
+    tokens[:, 0] = model.start_id
+    with torch.inference_mode():
+        dynamic, static = model.init_state(src), model.init_state(src)
+        static.make_static(5)
+        for t in range(5):
+            want = model.decode_step(tokens[:, t : t + 1], dynamic)
+            torch.testing.assert_close(model.decode_step(tokens[:, t : t + 1], static), want, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="one token per step"):
+            model.decode_step(tokens[:, :2], static)

@@ -107,14 +107,20 @@ class DecoderOnlyTransformer(nn.Module):
     def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """tokens (B, n) -> logits (B, n, V); the state grows by n."""
         B, n = tokens.shape
-        start, S = state.length, state.key_pad.size(1)
         pos = state.pos[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
-        x, rope = self._embed(tokens, pos, 1, start + n)  # `start + n` bounds the ids: pos <= S + steps
-        keep = torch.cat([~state.key_pad, torch.ones(B, start + n - S, dtype=torch.bool, device=tokens.device)], 1)
-        mask = keep[:, None, None, :] & causal_mask(n, start + n, tokens.device)  # (B, 1, n, start+n)
+        if state.static:  # one token against fixed-size caches (CUDA graphs)
+            if n != 1:
+                raise ValueError(f"a static decode state takes one token per step, got {n}")
+            bound, mask = state.length, state.static_mask()
+        else:
+            start, S = state.length, state.key_pad.size(1)
+            bound = start + n  # bounds the ids: pos <= S + steps
+            keep = torch.cat([~state.key_pad, torch.ones(B, start + n - S, dtype=torch.bool, device=tokens.device)], 1)
+            mask = keep[:, None, None, :] & causal_mask(n, start + n, tokens.device)  # (B, 1, n, start+n)
+        x, rope = self._embed(tokens, pos, 1, bound)
         for block, cache in zip(self.blocks, state.layers):
             x = block(x, mask=mask, rope=rope, cache=cache)
-        state.pos = state.pos + n
+        state.advance(n)
         return self.lm_head(self.norm(x))
 
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Protocol
 
 import torch
@@ -27,7 +28,7 @@ Penalty = Literal["gnmt", "average"]
 
 
 class DecodeState(Protocol):
-    def reorder(self, index: Tensor) -> None: ...
+    def reorder(self, index: Tensor, beams_only: bool = False) -> None: ...
 
 
 class DecodeModel(Protocol):
@@ -74,31 +75,37 @@ def _banned_ids(model: DecodeModel) -> list[int]:
     return sorted({model.config.pad_id, BOS_ID, SEP_ID, model.start_id} - {eos})
 
 
-def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: list[int],
+def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: Tensor,
                  force_eos: Tensor) -> Tensor:
     """Float32 log-probs of the next token for each row, with banned ids at -inf.
 
-    last: (R, 1) previous token per row; force_eos: (R,) bool, rows that must end now (max length reached),
-    which keep only eos (scored with the model's own eos log-prob). Returns (R, V).
+    last: (R, 1) previous token per row; banned: (n,) ids, on the device; force_eos: (R,) bool, rows that must end
+    now (max length reached), which keep only eos (scored with the model's own eos log-prob). Returns (R, V).
     """
     logits = model.decode_step(last, state)[:, -1]  # (R, V)
     lprobs = logits.float().log_softmax(-1)  # float32 even for bf16 models
-    lprobs[:, banned] = -math.inf
+    lprobs.index_fill_(1, banned, -math.inf)
     not_eos = torch.arange(lprobs.size(-1), device=lprobs.device) != model.config.eos_id  # (V,)
     return lprobs.masked_fill(force_eos.unsqueeze(1) & not_eos, -math.inf)  # no host sync
 
 
 # ---- greedy ----------------------------------------------------------------------------------------------------
-def greedy(model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10) -> list[list[int]]:
+def greedy(
+    model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10, static: bool = False
+) -> list[list[int]]:
     """Greedy decoding. src: (B, S) right-padded source ids. Returns token ids (no bos/eos) per sentence.
 
     A sentence stops at eos or after ``int(a * src_len + b)`` tokens; finished sentences leave the batch, and the
-    loop ends as soon as all have stopped.
+    loop ends as soon as all have stopped. ``static=True``: the static beam search with one beam (CUDA graphs on a
+    GPU; see ``beam_search``), which finds the same tokens.
     """
+    if static:
+        hyps = beam_search(model, src, 1, max_len_a=max_len_a, max_len_b=max_len_b, static=True)
+        return [h[0].tokens for h in hyps]
     with torch.inference_mode():
         eos = model.config.eos_id
-        banned = _banned_ids(model)
         B, device = src.size(0), src.device
+        banned = torch.tensor(_banned_ids(model), device=device)
         max_len = max_lengths(src, model.config.pad_id, max_len_a, max_len_b).to(device)  # (B,)
         cap = int(max_len.max()) if B else 0
         out = torch.full((B, cap), model.config.pad_id, dtype=torch.long, device=device)  # (B, cap)
@@ -136,6 +143,7 @@ def beam_search(
     nbest: int = 1,
     early_stopping: bool = True,
     penalty: Penalty = "gnmt",
+    static: bool = False,
 ) -> list[list[Hypothesis]]:
     """Beam search over the model's KV cache. src: (B, S) right-padded source ids.
 
@@ -155,97 +163,181 @@ def beam_search(
         ``score / max(penalty(len + 1), penalty(max_len + 1))``; that is a true upper bound, so stopping never
         loses a hypothesis that the beam could still have found (but it may search up to max length);
       - in either case, at max length, or when no live beam has a finite score left.
-    Done sentences are dropped from the active batch (``state.reorder``), so they cost nothing afterwards.
+
+    Two ways to run the same search, with the same results:
+      - dynamic (default): done sentences are dropped from the batch (``state.reorder``), so they cost nothing
+        afterwards; one host sync per step decides which rows remain;
+      - ``static=True``: every row stays to the end of the batch (a done sentence's rows run on, and are ignored),
+        the caches are fixed-size buffers, and each step updates fixed tensors in place. On CUDA the step is
+        captured once as a CUDA graph and replayed, so a step costs one launch instead of a few hundred; that is
+        what decoding small models on a GPU is bound by. Needs a model whose state has ``make_static``.
     A sentence gets fewer than ``nbest`` hypotheses only if the model gives eos probability 0 (scripted models).
     """
     if beam_size < 1 or not 1 <= nbest <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size=} {nbest=}")
-    alpha, K = length_penalty, beam_size
+    K = beam_size
     with torch.inference_mode():
-        eos = model.config.eos_id
-        banned = _banned_ids(model)
-        B, device = src.size(0), src.device
-        max_len = max_lengths(src, model.config.pad_id, max_len_a, max_len_b).to(device)  # (B,)
+        B, device, pad = src.size(0), src.device, model.config.pad_id
+        banned = torch.tensor(_banned_ids(model), device=device)
+        max_len = max_lengths(src, pad, max_len_a, max_len_b).to(device)  # (B,)
         cap = int(max_len.max()) if B else 0
+        step = partial(_beam_step, K=K, eos=model.config.eos_id, alpha=length_penalty, penalty=penalty,
+                       early_stopping=early_stopping)
 
         # finished hypotheses, kept as the K best per sentence (sorted), -inf where empty
         fin_scores = torch.full((B, K), -math.inf, device=device)  # (B, K)
-        fin_tokens = torch.full((B, K, cap), model.config.pad_id, dtype=torch.long, device=device)  # (B, K, cap)
+        fin_tokens = torch.full((B, K, cap), pad, dtype=torch.long, device=device)  # (B, K, cap)
         fin_lens = torch.zeros((B, K), dtype=torch.long, device=device)  # (B, K) without eos
 
         # encode once, then copy each sentence's state K times: row = sentence * K + beam
         state = model.init_state(src)
         state.reorder(torch.arange(B, device=device).repeat_interleave(K))
-        active = torch.arange(B, device=device)  # (A,) original index of each live sentence
-        act_max = max_len  # (A,)
-        tokens = torch.empty((B * K, 0), dtype=torch.long, device=device)  # (A*K, t) generated so far
+        tokens = torch.full((B * K, cap + 1), pad, dtype=torch.long, device=device)  # (A*K, cap+1) generated so far
         last = torch.full((B * K, 1), model.start_id, dtype=torch.long, device=device)  # (A*K, 1)
         # all beams start identical: only beam 0 may be extended at step 0
         scores = torch.full((B, K), -math.inf, device=device)  # (A, K) summed log-probs of live beams
         scores[:, 0] = 0.0
-        beam_offsets = torch.arange(2 * K, device=device)  # (2K,) candidate ranks
+        fin = (fin_scores, fin_tokens, fin_lens)
+        if static:
+            _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, last, fin)
+        else:
+            active = torch.arange(B, device=device)  # (A,) original index of each live sentence
+            act_max, act_fin = max_len, fin  # (A,) and the finished hypotheses of the live sentences
+            for t in range(cap + 1):  # t = tokens generated so far; the next one has length t + 1 with eos
+                A = active.numel()
+                force_eos = (act_max == t).repeat_interleave(K)  # (A*K,)
+                lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A*K, V)
+                act_fin, next_beam, next_tok, next_scores, done = step(lprobs, scores, tokens, act_fin, t, act_max)
 
-        for t in range(cap + 1):  # t = tokens generated so far; the next one has length t + 1 with eos
-            A = active.numel()
-            if A == 0:
-                break
-            force_eos = (act_max == t).repeat_interleave(K)  # (A*K,)
-            lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A*K, V)
-            V = lprobs.size(-1)
-            cand = (scores.unsqueeze(2) + lprobs.view(A, K, V)).view(A, K * V)  # (A, K*V)
-            cand_scores, cand_idx = cand.topk(2 * K, dim=1)  # (A, 2K) best first
-            cand_beam, cand_tok = cand_idx // V, cand_idx % V  # (A, 2K)
-            is_eos = cand_tok == eos  # (A, 2K)
-
-            # finish eos candidates ranked in the top K; merge them into the K best finished per sentence
-            new_fin = is_eos[:, :K] & cand_scores[:, :K].isfinite()  # (A, K)
-            if new_fin.any():
-                rows = torch.arange(A, device=device).unsqueeze(1)  # (A, 1)
-                normalised = cand_scores[:, :K] / length_factor(t + 1.0, alpha, penalty)  # (A, K)
-                new_scores = torch.where(new_fin, normalised, -math.inf)
-                new_tokens = tokens.view(A, K, t)[rows, cand_beam[:, :K]]  # (A, K, t)
-                new_tokens = torch.nn.functional.pad(new_tokens, (0, cap - t), value=model.config.pad_id)
-                all_scores = torch.cat([fin_scores[active], new_scores], 1)  # (A, 2K)
-                all_tokens = torch.cat([fin_tokens[active], new_tokens], 1)  # (A, 2K, cap)
-                all_lens = torch.cat([fin_lens[active], torch.full_like(fin_lens[active], t)], 1)  # (A, 2K)
-                best_scores, best = all_scores.topk(K, dim=1)  # (A, K)
-                fin_scores[active] = best_scores
-                fin_tokens[active] = all_tokens[rows, best]
-                fin_lens[active] = all_lens[rows, best]
-
-            # live beams: the K best non-eos candidates (eos ranks sort after every non-eos rank)
-            _, pick = torch.topk(is_eos * 2 * K + beam_offsets, K, dim=1, largest=False)  # (A, K)
-            next_beam = cand_beam.gather(1, pick)  # (A, K)
-            next_tok = cand_tok.gather(1, pick)  # (A, K)
-            next_scores = cand_scores.gather(1, pick)  # (A, K)
-
-            # which sentences are done after this step
-            act_fin = fin_scores[active]  # (A, K)
-            full = act_fin.isfinite().all(1)  # (A,) K finished hypotheses
-            best_live = next_scores.max(1).values  # (A,)
-            done = (act_max == t) | (best_live == -math.inf)
-            if early_stopping:
-                done |= full
-            else:
-                # largest divisor over the lengths a live beam can still end at (the factor is monotone)
-                longest = length_factor(act_max + 1.0, alpha, penalty)  # (A,)
-                shortest = length_factor(torch.full_like(best_live, t + 2.0), alpha, penalty)  # (A,)
-                reach = torch.maximum(longest, shortest)
-                done |= full & (act_fin.min(1).values >= best_live / reach)
-
-            # select the live beams' rows (and drop done sentences) in one reorder of the cache
-            keep = (~done).nonzero().squeeze(1)  # (A',)
-            index = (keep.unsqueeze(1) * K + next_beam[keep]).view(-1)  # (A'*K,)
-            if keep.numel() == 0:
-                break
-            state.reorder(index)
-            tokens = torch.cat([tokens[index], next_tok[keep].view(-1, 1)], 1)  # (A'*K, t+1)
-            last = next_tok[keep].view(-1, 1)  # (A'*K, 1)
-            scores = next_scores[keep]  # (A', K)
-            active, act_max = active[keep], act_max[keep]
+                keep = (~done).nonzero().squeeze(1)  # (A',)  the step's one host sync
+                if keep.numel() < A:  # some sentences are done: their finished hypotheses are final
+                    for out, f in zip(fin, act_fin):
+                        out[active] = f
+                    if keep.numel() == 0:
+                        break
+                    act_fin = tuple(f[keep] for f in act_fin)
+                    active, act_max = active[keep], act_max[keep]
+                # select the live beams' rows (and drop done sentences) in one reorder of the cache
+                index = (keep.unsqueeze(1) * K + next_beam[keep]).view(-1)  # (A'*K,)
+                state.reorder(index, beams_only=keep.numel() == A)
+                tokens = tokens[index]
+                tokens[:, t] = next_tok[keep].view(-1)
+                last = next_tok[keep].view(-1, 1)  # (A'*K, 1)
+                scores = next_scores[keep]  # (A', K)
 
         hyps = []
         for toks, lens, scs in zip(fin_tokens[:, :nbest].tolist(), fin_lens[:, :nbest].tolist(),
                                    fin_scores[:, :nbest].tolist()):
             hyps.append([Hypothesis(tok[:n], s) for tok, n, s in zip(toks, lens, scs) if s != -math.inf])
         return hyps
+
+
+def _beam_step(
+    lprobs: Tensor, scores: Tensor, tokens: Tensor, fin: tuple[Tensor, Tensor, Tensor], t: int | Tensor,
+    max_len: Tensor, K: int, eos: int, alpha: float, penalty: Penalty, early_stopping: bool,
+    frozen: Tensor | None = None,
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """One step of beam search for A sentences, without side effects.
+
+    lprobs (A*K, V) next-token log-probs; scores (A, K) summed log-probs of the live beams; tokens (A*K, cap+1)
+    generated so far (pad from column t on); fin = the K best finished (scores (A, K), tokens (A, K, cap), lengths
+    (A, K)); t tokens generated so far (int, or a () tensor in the static search); max_len (A,); frozen (A,) bool:
+    sentences already done, whose finished hypotheses must not change (static search only).
+    Returns (fin, next_beam, next_tok, next_scores, done): the live beams' parents, tokens and scores (A, K) each,
+    and done (A,).
+    """
+    A, V = scores.size(0), lprobs.size(-1)
+    fin_scores, fin_tokens, fin_lens = fin
+    cand = (scores.unsqueeze(2) + lprobs.view(A, K, V)).view(A, K * V)  # (A, K*V)
+    cand_scores, cand_idx = cand.topk(2 * K, dim=1)  # (A, 2K) best first
+    cand_beam, cand_tok = cand_idx // V, cand_idx % V  # (A, 2K)
+    is_eos = cand_tok == eos  # (A, 2K)
+
+    # finish eos candidates ranked in the top K; merge them into the K best finished per sentence
+    new_fin = is_eos[:, :K] & cand_scores[:, :K].isfinite()  # (A, K)
+    if frozen is not None:
+        new_fin &= ~frozen.unsqueeze(1)
+    if frozen is not None or new_fin.any():  # the static search cannot ask (a host sync): it always merges
+        rows = torch.arange(A, device=lprobs.device).unsqueeze(1)  # (A, 1)
+        normalised = cand_scores[:, :K] / length_factor(t + 1.0, alpha, penalty)  # (A, K)
+        new_scores = torch.where(new_fin, normalised, -math.inf)
+        cap = fin_tokens.size(2)
+        new_tokens = tokens.view(A, K, -1)[rows, cand_beam[:, :K], :cap]  # (A, K, cap)
+        all_scores = torch.cat([fin_scores, new_scores], 1)  # (A, 2K)
+        all_tokens = torch.cat([fin_tokens, new_tokens], 1)  # (A, 2K, cap)
+        all_lens = torch.cat([fin_lens, torch.zeros_like(fin_lens) + t], 1)  # (A, 2K)
+        fin_scores, best = all_scores.topk(K, dim=1)  # (A, K)
+        fin_tokens, fin_lens = all_tokens[rows, best], all_lens[rows, best]
+
+    # live beams: the K best non-eos candidates (eos ranks sort after every non-eos rank)
+    ranks = torch.arange(2 * K, device=lprobs.device)  # (2K,)
+    _, pick = torch.topk(is_eos * 2 * K + ranks, K, dim=1, largest=False)  # (A, K)
+    next_beam, next_tok, next_scores = cand_beam.gather(1, pick), cand_tok.gather(1, pick), cand_scores.gather(1, pick)
+
+    # which sentences are done after this step
+    full = fin_scores.isfinite().all(1)  # (A,) K finished hypotheses
+    best_live = next_scores.max(1).values  # (A,)
+    done = (max_len == t) | (best_live == -math.inf)
+    if early_stopping:
+        done |= full
+    else:
+        # largest divisor over the lengths a live beam can still end at (the factor is monotone)
+        longest = length_factor(max_len + 1.0, alpha, penalty)  # (A,)
+        shortest = length_factor(torch.zeros_like(best_live) + (t + 2.0), alpha, penalty)  # (A,)
+        done |= full & (fin_scores.min(1).values >= best_live / torch.maximum(longest, shortest))
+    return (fin_scores, fin_tokens, fin_lens), next_beam, next_tok, next_scores, done
+
+
+def _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, last, fin) -> None:
+    """The loop of beam_search(static=True): all B sentences' rows stay; every tensor the step reads or writes has
+    a fixed shape and address (the search's own and, after ``make_static``, the cache's), so on CUDA one step is
+    captured as a CUDA graph and replayed. Writes the finished hypotheses into ``fin``."""
+    B, device = scores.size(0), scores.device
+    state.make_static(cap + 1)
+    t = torch.zeros((), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
+
+    def one_step() -> None:
+        force_eos = (max_len == t).repeat_interleave(K)  # (B*K,)
+        lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (B*K, V)
+        new_fin, next_beam, next_tok, next_scores, now_done = step(lprobs, scores, tokens, fin, t, max_len,
+                                                                   frozen=done)
+        for old, new in zip(fin, new_fin):
+            old.copy_(new)
+        done.logical_or_(now_done)
+        index = (rows * K + next_beam).view(-1)  # (B*K,)
+        state.reorder(index, beams_only=True)  # in place
+        tokens.copy_(tokens.index_select(0, index))
+        tokens.index_copy_(1, t.view(1), next_tok.view(-1, 1))
+        last.copy_(next_tok.view(-1, 1))
+        scores.copy_(next_scores)
+        t.add_(1)
+
+    graph = None
+    for _ in range(cap + 1):
+        if graph is not None:
+            graph.replay()
+        elif device.type == "cuda":  # the first step runs eagerly (warm-up), the second is captured and replayed
+            graph = _run_then_capture(one_step)
+        else:
+            one_step()
+        if done.all():  # the loop's one host sync
+            break
+
+
+def _run_then_capture(fn) -> torch.cuda.CUDAGraph:
+    """Run fn once on a side stream (CUDA graph capture needs a warmed-up stream), then capture it (capture records
+    the kernels without running them). Autocast's weight cache is off inside: cached casts would be freed under the
+    graph."""
+    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), autocast:
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast:
+        fn()
+    return graph

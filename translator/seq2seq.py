@@ -61,14 +61,19 @@ class Seq2SeqTransformer(nn.Module):
         """tgt (B, T) target inputs after whatever `state` holds; memory (B, S, D); src_pad_mask (B, S), True
         at pads. Returns logits (B, T, V). Without a state the pass is causal over tgt from position 0."""
         B, T = tgt.shape
-        start = 0 if state is None else state.length
-        pos = torch.arange(start, start + T, device=tgt.device).expand(B, T)
-        x, rope = self._embed(self.tgt_embed, tgt, pos, start + T)
         memory_mask = ~src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
-        # training: plain causal (target pads sit at the end, after every real token); cached decoding of one
-        # token needs no mask; several tokens after a cache need the offset causal mask
-        mask = causal_mask(T, start + T, tgt.device) if state is not None and T > 1 and start > 0 else None
+        if state is not None and state.static:  # one token against fixed-size caches (CUDA graphs)
+            if T != 1:
+                raise ValueError(f"a static decode state takes one token per step, got {T}")
+            pos, bound, mask = state.pos[:, None], state.length, state.static_mask()
+        else:
+            start = 0 if state is None else state.length
+            pos, bound = torch.arange(start, start + T, device=tgt.device).expand(B, T), start + T
+            # training: plain causal (target pads sit at the end, after every real token); cached decoding of one
+            # token needs no mask; several tokens after a cache need the offset causal mask
+            mask = causal_mask(T, start + T, tgt.device) if state is not None and T > 1 and start > 0 else None
         is_causal = mask is None and T > 1
+        x, rope = self._embed(self.tgt_embed, tgt, pos, bound)
         for i, block in enumerate(self.decoder):
             cache = state.layers[i] if state is not None else None
             x = block(x, mask=mask, is_causal=is_causal, rope=rope, memory=memory, memory_mask=memory_mask, cache=cache)
@@ -91,7 +96,7 @@ class Seq2SeqTransformer(nn.Module):
     def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """tokens (B, n) -> logits (B, n, V); the state grows by n."""
         logits = self.decode(tokens, None, state.key_pad, state)  # memory unused: cross K/V are cached
-        state.pos = state.pos + tokens.size(1)
+        state.advance(tokens.size(1))
         return logits
 
     def num_parameters(self, non_embedding: bool = False) -> int:
