@@ -47,7 +47,7 @@ else
   testset="test2016=$data:test"
 fi
 
-if [ "$device" = cuda ] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if [ "$device" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   die "no CUDA device: this script trains on a GPU (for a CPU smoke run set TRAINER_CONFIG=configs/trainer/cpu.yaml DEVICE=cpu)"
 fi
 
@@ -73,6 +73,6 @@ for run in "${runs[@]}"; do
   checkpoints+=("$best")
 done
 
-python scripts/compare.py --checkpoints "${checkpoints[@]}" --names "${runs[@]}" --testset "$testset" \
+python3 scripts/compare.py --checkpoints "${checkpoints[@]}" --names "${runs[@]}" --testset "$testset" \
   --device "$device" --beam 5 --out "$out" ${compare_args[@]+"${compare_args[@]}"}
 echo "== report: $out/report.md" >&2
