@@ -1,16 +1,23 @@
-"""Shared fixtures: real Multi30k pairs and a small joint SentencePiece tokenizer trained on them."""
+"""Shared fixtures: real Multi30k pairs, a small joint SentencePiece tokenizer trained on them, and a tiny checkpoint
+of each architecture trained by the real CLI."""
 
 from __future__ import annotations
 
 import gzip
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from translator.tokenizer import Tokenizer, interleave
 
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
+REPO = Path(__file__).resolve().parents[1]
+MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def read_pairs(split: str, n: int) -> list[tuple[str, str]]:
@@ -31,3 +38,34 @@ def train_pairs() -> list[tuple[str, str]]:
 def tokenizer(train_pairs: list[tuple[str, str]]) -> Tokenizer:
     """A 1000-piece joint tokenizer (under a second to train)."""
     return Tokenizer.train(interleave(train_pairs), vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{arch: last.ckpt} from `translator fit` on configs/debug.yaml (20 steps), both runs in parallel."""
+    root = tmp_path_factory.mktemp("fit")
+    tokenizer.save(root / "tokenizer.model")
+    runs = {}
+    for arch, class_path in MODULES.items():
+        run_dir = root / arch
+        run_dir.mkdir()
+        cmd = [
+            sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
+            "--model.class_path", class_path,
+            "--data.path", str(MULTI30K),
+            "--data.tokenizer", str(root / "tokenizer.model"),  # the shared test tokenizer: no training here
+            "--trainer.max_steps", "20",
+            "--trainer.default_root_dir", str(run_dir),
+            "--trainer.enable_progress_bar", "false",
+        ]
+        # cwd = run_dir: the config's relative output paths (checkpoints/..., tokenizer_dir) land in the tmp dir
+        runs[arch] = (run_dir, subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True))
+    found = {}
+    for arch, (run_dir, proc) in runs.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"translator fit ({arch}) failed:\n{log[-3000:]}"
+        ckpts = sorted(run_dir.rglob("last.ckpt"))
+        assert len(ckpts) == 1, f"expected one last.ckpt under {run_dir}, found {ckpts}\n{log[-2000:]}"
+        found[arch] = ckpts[0]
+    return found

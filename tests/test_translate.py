@@ -1,9 +1,10 @@
 """`translator.translate` and `scripts/translate.py`, against checkpoints trained by the real CLI.
 
-One session fixture runs `translator fit --config configs/debug.yaml` for both architectures at once (one thread
-each, in temporary directories, with the shared test tokenizer); the tests then translate with the library in-process,
-run the script end to end in subprocesses (arguments, stdin, --input/--output, n-best TSV, --reference, --attention),
-and call its `main()` in-process for the error paths (cheaper than a process each).
+The session fixture `checkpoints` (conftest.py) runs `translator fit --config configs/debug.yaml` for both
+architectures at once (one thread each, in temporary directories, with the shared test tokenizer); the tests then
+translate with the library in-process, run the script end to end in subprocesses (arguments, stdin, --input/--output,
+n-best TSV, --reference, --attention), and call its `main()` in-process for the error paths (cheaper than a process
+each).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODULES
 
 from translator import checkpoint
 from translator.translate import attention_map, recompute_attention, token_batches, translate
@@ -26,7 +28,6 @@ from translator.translate import attention_map, recompute_attention, token_batch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "translate.py"
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
-MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 SENTENCES = [
@@ -38,38 +39,7 @@ SENTENCES = [
 ]
 
 
-# ---- fixtures ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """{arch: last.ckpt} from `translator fit` on configs/debug.yaml (20 steps), both runs in parallel."""
-    root = tmp_path_factory.mktemp("fit")
-    tokenizer.save(root / "tokenizer.model")
-    runs = {}
-    for arch, class_path in MODULES.items():
-        run_dir = root / arch
-        run_dir.mkdir()
-        cmd = [
-            sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
-            "--model.class_path", class_path,
-            "--data.path", str(MULTI30K),
-            "--data.tokenizer", str(root / "tokenizer.model"),  # the shared test tokenizer: no training here
-            "--trainer.max_steps", "20",
-            "--trainer.default_root_dir", str(run_dir),
-            "--trainer.enable_progress_bar", "false",
-        ]
-        # cwd = run_dir: the config's relative output paths (checkpoints/..., tokenizer_dir) land in the tmp dir
-        runs[arch] = (run_dir, subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True))
-    found = {}
-    for arch, (run_dir, proc) in runs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"translator fit ({arch}) failed:\n{log[-3000:]}"
-        ckpts = sorted(run_dir.rglob("last.ckpt"))
-        assert len(ckpts) == 1, f"expected one last.ckpt under {run_dir}, found {ckpts}\n{log[-2000:]}"
-        found[arch] = ckpts[0]
-    return found
-
-
+# ---- fixtures (`checkpoints`, the two trained models, is in conftest.py) ------------------------------------
 @pytest.fixture(scope="session")
 def loaded(checkpoints):
     return {arch: checkpoint.load(path) for arch, path in checkpoints.items()}

@@ -1,4 +1,5 @@
-"""Callbacks that make a run survive a crash or a preemption and resume exactly (docs/reliability.md).
+"""Callbacks that make a run survive a crash or a preemption and resume exactly (docs/reliability.md), and the one that
+writes ``translator predict``'s output.
 
 * ``RNGState`` puts every process's torch / CUDA / Python / NumPy generator states in the checkpoint and restores them
   when training restarts, so that dropout after a resume draws the same masks as an uninterrupted run. Lightning
@@ -7,12 +8,16 @@
 * ``PreemptionCheckpoint`` turns SIGTERM (what SLURM, Kubernetes and cloud spot instances send before killing a job)
   into "finish this step, save ``last.ckpt``, exit with status 143 (128 + SIGTERM)".
 
-Both go in ``trainer.callbacks`` of every config; periodic checkpoints are a ``ModelCheckpoint`` with
+* ``TranslationWriter`` (added by ``translator predict``, not by the configs) writes the translations of every rank to
+  one file, in input order.
+
+The first two go in ``trainer.callbacks`` of every config; periodic checkpoints are a ``ModelCheckpoint`` with
 ``every_n_train_steps`` and ``save_last: true`` beside them. Resume with ``translator fit ... --ckpt_path last``.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import random
 import signal
@@ -192,3 +197,58 @@ class PreemptionCheckpoint(Checkpoint):
             return ckpts[0].format_checkpoint_name(metrics, ckpts[0].CHECKPOINT_NAME_LAST)
         dirpath = self.dirpath or str(Path(trainer.default_root_dir) / "checkpoints")
         return str(Path(dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}")
+
+
+# ---- prediction output -----------------------------------------------------------------------------------------
+class TranslationWriter(L.Callback):
+    """Write the translations of ``predict_step`` to ``output``, one line per input line, in input order.
+
+    ``predict_step`` returns (line index, translation) pairs; each rank keeps its own. At the end, every rank's pairs
+    are gathered (``torch.distributed.all_gather_object``) and rank 0 writes the texts sorted by index, UTF-8, gzip when
+    ``output`` ends in .gz. The indices must then be exactly 0 .. n-1: a line lost or doubled by the sharding raises
+    instead of shifting every line after it. A directory as ``output`` fails before any decoding.
+
+    A plain Callback rather than Lightning's ``BasePredictionWriter``: the line indices travel in the batches, and the
+    writer machinery would look for sampler indices that an iterable dataset does not have (and warn).
+    """
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = Path(output)
+        self._rows: list[tuple[int, str]] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "predict" and trainer.is_global_zero:
+            if self.output.is_dir():
+                raise ValueError(f"{self.output}: is a directory, not a file to write the translations to")
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{self.output}: cannot create its directory: {err}") from None
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows = []
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             outputs: list[tuple[int, str]], *args: Any) -> None:
+        self._rows.extend(outputs)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = self._rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[list[tuple[int, str]] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
+        if trainer.is_global_zero:
+            rows.sort(key=lambda row: row[0])
+            if [i for i, _ in rows] != list(range(len(rows))):
+                raise RuntimeError(f"prediction indices are not 0..{len(rows) - 1}: lines lost or doubled")
+            self.write([text for _, text in rows])
+
+    def write(self, texts: list[str]) -> None:
+        # one output line per input line, whatever the model emits
+        data = "".join(text.replace("\r", " ").replace("\n", " ") + "\n" for text in texts).encode("utf-8")
+        try:
+            self.output.write_bytes(gzip.compress(data) if self.output.suffix == ".gz" else data)
+        except OSError as err:
+            raise ValueError(f"{self.output}: cannot write the translations: {err}") from None
+        log.info("wrote %d translations to %s", len(texts), self.output)

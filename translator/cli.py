@@ -1,6 +1,16 @@
-"""`translator`: the Lightning CLI (fit / validate / test) over both architectures.
+"""`translator`: the Lightning CLI (fit / validate / test / predict) over both architectures.
 
     translator fit --config configs/encdec.yaml --config configs/data/multi30k.yaml --config configs/trainer/gpu.yaml
+    translator predict --config configs/encdec.yaml --config configs/data/multi30k.yaml --ckpt_path CKPT \
+        --data.predict_path test.de.gz --predict_output hyp.en [--model.test_beam_size 5]
+
+`predict` translates a UTF-8 text file (one sentence per line, plain or .gz; default: the source side of
+`--data.test_split`) with beam search of width `test_beam_size` (1: greedy) and the model's `length_penalty`, and
+writes one line per input line, in input order, to `--predict_output` (gzip if it ends in .gz): an empty line gives an
+empty line, a line over `--data.max_len` tokens is truncated with a warning naming it. Batches follow the data's token
+budget and are sharded over DDP ranks and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them
+and rank 0 writes the file. `--ckpt_path` and `--predict_output` are required: an untrained model's output is noise,
+and the progress bar shares stdout.
 
 The model is chosen by `class_path` (`translator.module.Seq2SeqModule` or `translator.module.DecoderOnlyModule`);
 the vocabulary size is linked from the data to the model, never typed twice.
@@ -17,16 +27,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
+from translator.callbacks import TranslationWriter
 from translator.data import TranslationDataModule
 from translator.module import TranslationModule
 from translator.tokenizer import Tokenizer
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the run's own checkpoints
+_DECODING_HPARAMS = ("test_beam_size", "length_penalty")  # chosen at decoding time, not taken from a checkpoint
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -39,15 +52,34 @@ class SaveFitConfig(SaveConfigCallback):
 
 
 class TranslatorCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """fit, validate and test; translating files is `scripts/translate.py`, which keeps the input order."""
-        commands = dict(LightningCLI.subcommands())
-        commands.pop("predict")
-        return commands
-
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    # LightningCLI calls add_arguments_to_parser for every subcommand alike; predict's own argument is added to its
+    # parser alone, so that fit, validate and test (and the config.yaml fit saves) never see it.
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--predict_output", type=str | None, default=None,
+                help="write the translations here, one line per input line, in input order (.gz: gzip)",
+            )  # fmt: skip
+            parser.set_defaults(return_predictions=False)  # TranslationWriter writes them; no second copy in memory
+        return parser
+
+    # Lightning merges a --ckpt_path's hyper-parameters into the parsed config, over the config files and the command
+    # line alike (Lightning-AI/pytorch-lightning#20801): `--model.test_beam_size 5` would be silently ignored. The
+    # architecture must come from the checkpoint, but the decoding settings are the user's: keep the parsed ones.
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].model.get("init_args") if subcommand else None
+        chosen = {key: init_args[key] for key in _DECODING_HPARAMS if key in init_args} if init_args else {}
+        super()._parse_ckpt_path()
+        model = self.config[subcommand].model if chosen else None
+        for key, value in chosen.items():
+            model.init_args[key] = value
+            if model.get("dict_kwargs"):  # where Lightning puts them for a class path saved in the checkpoint
+                model.dict_kwargs.pop(key, None)
 
     # A --ckpt_path file is read safely (translator.checkpoint.read: weights_only=True) right after parsing: Lightning
     # itself loads it next (LightningCLI merges its hyperparameters into the config) and would fail with torch's
@@ -57,6 +89,11 @@ class TranslatorCLI(LightningCLI):
         self._ckpt_meta = None
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand == "predict":
+            if path is None:
+                raise ValueError("translator predict needs --ckpt_path: the trained checkpoint to translate with")
+            if not self.config.predict.predict_output:
+                raise ValueError("translator predict needs --predict_output FILE: where to write the translations")
         if path is not None and str(path) not in _SPECIAL_CKPT_PATHS and not str(path).startswith("registry"):
             self._ckpt_meta = (str(path), checkpoint.read(path)["translator"])
 
@@ -68,6 +105,13 @@ class TranslatorCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_ckpt_matches()
+
+    def before_predict(self) -> None:
+        self._check_ckpt_matches()
+        self.trainer.callbacks.append(TranslationWriter(self.config.predict.predict_output))
+        # predict logs nothing, and a configured logger would rewrite the training run's logs (the CSVLogger empties
+        # its directory's metrics.csv)
+        self.trainer.logger = None
 
     def _check_ckpt_matches(self) -> None:
         """Refuse a checkpoint of the other architecture, or made with another tokenizer than the data's.

@@ -9,6 +9,11 @@ Pipeline (one pass over a split)::
                                  cut into batches of at most max_tokens padded tokens, shuffle the batch order (train)
     ResumableDataLoader          batch_size=None over TokenBatches; counts batches so that a run resumes exactly
 
+Prediction (``translator predict``) reads sentences, not pairs: ``SourceLines`` (the lines of a text file, blank ones
+kept, or the source side of a split) -> ``SourceBatches`` (line i to shard i % n as above; tokenized, truncated and
+batched by ``translate.encode_sources`` / ``token_batches``), every batch carrying its line indices so that the writer
+(``translator.callbacks.TranslationWriter``) restores the input order.
+
 Sources understood by ``load_pairs`` (every one through ``datasets.load_dataset(..., streaming=True)``):
 
 * a directory of parallel text files ``{split}.{src}[.gz]`` + ``{split}.{tgt}[.gz]`` (Multi30k layout);
@@ -64,6 +69,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, interleave
+from translator.translate import encode_sources, pad, token_batches
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,12 @@ class PairStream:
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return self.shard(0, 1)
+
+    def sources(self) -> Iterator[str]:
+        """The source text of every record, blank ones included (what ``translator predict`` translates by default)."""
+        if self.kind == "parallel":  # the source file alone: one sentence per line
+            return (line for _, line in _lines(self.streams[0], self.files[0]))
+        return (src for src, _ in self._raw())
 
     def shard(self, index: int, num_shards: int, limit: int | None = None) -> Iterator[tuple[str, str]]:
         """Pairs ``index, index + num_shards, ...`` of the first ``limit`` usable pairs (all when None).
@@ -146,6 +158,30 @@ def load_pairs(
     if local.suffix in _LOCAL_SUFFIXES or path.startswith((".", "/", "~")) or path.count("/") > 1:  # not a hub id
         raise FileNotFoundError(f"no such file or directory: {path}")
     return _hub_stream(path, split, src_lang, tgt_lang, name, looked_for=[])
+
+
+@dataclass
+class SourceLines:
+    """A re-iterable stream of sentences to translate, one per input line, blank lines included (so that output line i
+    answers input line i): the lines of a text file (``stream``, read with the ``text`` builder) or the source side of
+    a split (``pairs``). ``where`` names it in messages; for a file, it is the path (re-read to find a bad line)."""
+
+    where: str
+    stream: datasets.IterableDataset | None = None
+    pairs: PairStream | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self.pairs is not None:
+            return self.pairs.sources()
+        return (line for _, line in _lines(self.stream, self.where))
+
+
+def load_sources(path: str | os.PathLike) -> SourceLines:
+    """The lines of a UTF-8 text file, plain or .gz; invalid UTF-8 raises ValueError naming file and line (on reading)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return SourceLines(str(file), stream=_text_dataset(file))
 
 
 def _text_dataset(file: Path) -> datasets.IterableDataset:
@@ -447,6 +483,48 @@ class TokenBatches(IterableDataset):
             )
 
 
+class SourceBatches(IterableDataset):
+    """Token-budget batches of sentences to translate, each row with its line index (``translator predict``).
+
+    Line i (0-based, blank lines included) goes to shard ``i % (world_size * workers) == rank * workers + worker``, as
+    pairs do in TokenBatches. Per shard, buffers of ``buffer_size`` lines are tokenized by
+    ``translate.encode_sources`` (lines over ``max_len`` tokens are truncated, with a warning naming the line), sorted
+    by length and cut by ``translate.token_batches`` (rows x longest source <= ``max_tokens``). Batch: ``src`` (B, S)
+    int64 right-padded with pad (0), and ``index`` (list[int], B), the rows' line indices. Lines empty once tokenized
+    come as one batch of width 0, ``src`` (B, 0): their translation is empty, nothing is decoded.
+    """
+
+    def __init__(
+        self,
+        lines: SourceLines,
+        tokenizer: Tokenizer,
+        max_tokens: int = 4096,
+        max_len: int = 128,
+        buffer_size: int = 10_000,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.lines, self.tokenizer, self.max_tokens, self.max_len = lines, tokenizer, max_tokens, max_len
+        self.buffer_size, self.rank, self.world_size = buffer_size, rank, world_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard, num_shards = self.rank * workers + worker, self.world_size * workers
+        numbered = itertools.islice(enumerate(self.lines), shard, None, num_shards)
+        while chunk := list(itertools.islice(numbered, self.buffer_size)):
+            index = [i for i, _ in chunk]
+            ids = encode_sources(self.tokenizer, [s for _, s in chunk], self.max_len, [i + 1 for i in index], "max_len")
+            empty = [i for i, seq in zip(index, ids) if not seq]
+            if empty:
+                yield {"src": torch.zeros(len(empty), 0, dtype=torch.long), "index": empty}
+            for batch in token_batches([len(seq) for seq in ids], self.max_tokens):
+                yield {"src": pad([ids[j] for j in batch]), "index": [index[j] for j in batch]}
+
+
 # ---- resumable loader --------------------------------------------------------------------------------------------
 class ResumableDataLoader(DataLoader):
     """A DataLoader (batch_size=None) over TokenBatches whose position survives a checkpoint.
@@ -494,7 +572,9 @@ class ResumableDataLoader(DataLoader):
 
 # ---- DataModule --------------------------------------------------------------------------------------------------
 class TranslationDataModule(L.LightningDataModule):
-    """Token-budget batches of a parallel corpus (local files or a hub dataset) for fit, validate and test.
+    """Token-budget batches of a parallel corpus (local files or a hub dataset) for fit, validate and test, and of
+    sentences to translate for predict: the lines of ``predict_path`` (a UTF-8 text file, plain or .gz), by default the
+    source side of ``test_split`` (see ``SourceBatches``).
 
     Without ``tokenizer`` (a .model file), ``prepare_data`` trains a joint SentencePiece model on the train split
     once per node and saves it as ``tokenizer_dir/<name>-<vocab_size>-<hash of data and settings>.model``, reusing the
@@ -510,6 +590,7 @@ class TranslationDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "validation",
         test_split: str = "test",
+        predict_path: str | None = None,
         tokenizer: str | None = None,
         tokenizer_dir: str = "checkpoints/tokenizers",
         vocab_size: int = 8000,
@@ -536,6 +617,7 @@ class TranslationDataModule(L.LightningDataModule):
             log.info("tokenizer %s has %d pieces: vocab_size=%d ignored", tokenizer, self._tokenizer.vocab_size, vocab_size)
             self.hparams.vocab_size = self._tokenizer.vocab_size
         self._streams: dict[str, PairStream] = {}
+        self._sources: SourceLines | None = None
 
     # ---- what the model is linked to -----------------------------------------------------------------------------
     @property
@@ -584,6 +666,13 @@ class TranslationDataModule(L.LightningDataModule):
                 raise FileNotFoundError(f"tokenizer {path} not found: prepare_data() trains it (the Trainer calls it)")
             self._tokenizer = Tokenizer.from_file(path)
         h = self.hparams
+        if stage == "predict":  # opened here so that a missing file fails before any step
+            if h.predict_path:
+                self._sources = load_sources(h.predict_path)
+            else:
+                pairs = load_pairs(h.path, h.test_split, h.src_lang, h.tgt_lang, h.name)
+                self._sources = SourceLines(f"{pairs.where} (source side)", pairs=pairs)
+            return
         roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
         for role in roles:  # opening the streams here makes missing files fail before any step
             self._streams[role] = load_pairs(h.path, h[f"{role}_split"], h.src_lang, h.tgt_lang, h.name)
@@ -601,6 +690,13 @@ class TranslationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if self._sources is None:
+            self.setup("predict")
+        h, (rank, world) = self.hparams, self._rank_world()
+        batches = SourceBatches(self._sources, self.tokenizer, h.max_tokens, h.max_len, h.shuffle_buffer, rank, world)
+        return DataLoader(batches, batch_size=None, num_workers=h.num_workers, pin_memory=torch.cuda.is_available())
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def batches(self, role: str) -> TokenBatches:

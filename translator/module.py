@@ -43,7 +43,7 @@ class TranslationModule(L.LightningModule):
         label_smoothing, weight_decay: as usual; no decay on norms, biases and embeddings.
         bleu_every: compute greedy BLEU/chrF every n-th validation run (0: never).
         bleu_sentences: decode at most this many validation sentences per rank for BLEU (None: all).
-        test_beam_size: beam size for `translator test` (1: greedy).
+        test_beam_size: beam size for `translator test` and `translator predict` (1: greedy).
         compile: wrap the training forward in `torch.compile`.
     """
 
@@ -261,6 +261,12 @@ class TranslationModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         beam = self.hparams.test_beam_size
         self._evaluate(batch, self.test_loss, self.test_bleu, self.test_chrf, True, beam)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[int, str]]:
+        """(line index, translation) per row of a ``translator.data.SourceBatches`` batch, beam ``test_beam_size``."""
+        src = batch["src"]  # (B, S); S == 0 for a batch of empty lines
+        texts = self.translate_ids(src, self.hparams.test_beam_size) if src.size(1) else [""] * src.size(0)
+        return list(zip(batch["index"], texts))
 
     def on_test_epoch_end(self) -> None:
         loss = self.test_loss.compute()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def encode_sources(tokenizer: Tokenizer, sentences: list[str], max_input_tokens: int = 256) -> list[list[int]]:
-    """Token ids per sentence (stripped); those over `max_input_tokens` are cut, with a warning naming the line
-    (1-based position in `sentences`)."""
+def encode_sources(
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    max_input_tokens: int = 256,
+    line_numbers: Sequence[int] | None = None,
+    limit_name: str = "max_input_tokens",
+) -> list[list[int]]:
+    """Token ids per sentence (stripped); those over `max_input_tokens` are cut, with a warning naming the line:
+    `line_numbers[i]` for sentence i (default: its 1-based position in `sentences`) and the limit's setting."""
     if max_input_tokens < 1:
-        raise ValueError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        raise ValueError(f"{limit_name} must be >= 1, got {max_input_tokens}")
     ids = tokenizer.encode([s.strip() for s in sentences])
     for i, seq in enumerate(ids):
         if len(seq) > max_input_tokens:
-            log.warning("line %d: %d tokens, truncated to the first %d (max_input_tokens)", i + 1, len(seq),
-                        max_input_tokens)
+            line = i + 1 if line_numbers is None else line_numbers[i]
+            log.warning("line %d: %d tokens, truncated to the first %d (%s)", line, len(seq), max_input_tokens,
+                        limit_name)
             ids[i] = seq[:max_input_tokens]
     return ids
 
