@@ -12,10 +12,11 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   skipped) and cycled; warm-up steps cover every distinct batch shape before timing starts.
 * variants (``--variants``): ``eager`` = bf16 autocast, fused AdamW, no host sync in the loop (the reference);
   ``fp32`` (no autocast), ``unfused`` (foreach AdamW), ``item`` (``loss.item()`` every step) change one thing each;
-  ``compile`` = ``torch.compile(model)`` (as ``Seq2SeqModule(compile=True)`` does); ``reduce-overhead`` =
-  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) with each batch padded up to a few fixed shapes;
-  ``lightning`` / ``lightning-compile`` = the real ``Trainer.fit`` path (``Seq2SeqModule`` / ``DecoderOnlyModule``,
-  bf16-mixed, gradient clipping) over the same batches; ``hf`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
+  ``compile`` = ``torch.compile`` of forward + loss (as ``Seq2SeqModule(compile=True)`` does); ``reduce-overhead``
+  = the same in ``mode="reduce-overhead"`` (CUDA graphs: one recording per batch shape; token-budget batches come in
+  few shapes, see docs/benchmarks.md); ``lightning`` / ``lightning-compile`` / ``lightning-graphs`` = the real ``Trainer.fit``
+  path (``Seq2SeqModule`` / ``DecoderOnlyModule`` with ``compile`` False / True / "reduce-overhead", bf16-mixed,
+  gradient clipping) over the same batches; ``hf`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
   ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
@@ -76,7 +77,6 @@ class Variant:
     fused: bool = True
     compile: str | None = None  # None | default | reduce-overhead
     item: bool = False
-    bucket: bool = False  # pad batches up to a few fixed shapes (for CUDA graphs)
     cuda_only: bool = False
     same_on_cpu: bool = False  # indistinguishable from eager on CPU (no autocast / no fused AdamW there)
 
@@ -87,9 +87,10 @@ VARIANTS = {
     "unfused": Variant("ours", fused=False, same_on_cpu=True),
     "item": Variant("ours", item=True),
     "compile": Variant("ours", compile="default"),
-    "reduce-overhead": Variant("ours", compile="reduce-overhead", bucket=True, cuda_only=True),
+    "reduce-overhead": Variant("ours", compile="reduce-overhead", cuda_only=True),
     "lightning": Variant("lightning"),
     "lightning-compile": Variant("lightning", compile="default"),
+    "lightning-graphs": Variant("lightning", compile="reduce-overhead", cuda_only=True),
     "hf": Variant("hf"),
     "hf-compile": Variant("hf", compile="default"),
 }
@@ -140,29 +141,6 @@ def make_batches(data: str, tokenizer: Tokenizer, max_tokens: int, n: int, seed:
     return out
 
 
-def _round_shape(n: int, per_octave: int) -> int:
-    """Round n up to a grid with `per_octave` steps per power of two (2: 8, 12, 16, 24, 32, 48, ...; 4: <= 25% more)."""
-    step = max(1, 2 ** max(0, n.bit_length() - 1 - per_octave.bit_length() + 1))
-    return -(-n // step) * step
-
-
-def bucket(batch: BenchBatch) -> BenchBatch:
-    """Pad a batch up to a coarse grid of shapes, so that CUDA graphs are recorded for a few shapes only.
-
-    Extra rows hold source `<eos>` (an all-pad row would be a fully masked attention row) and target `<bos>` only, so
-    they carry no loss; real-token counts (src_lens, tgt_lens) are those of the original batch.
-    """
-    (B, S), T1 = batch.src.shape, batch.tgt.size(1)
-    B2, S2, T2 = _round_shape(B, 4), max(8, _round_shape(S, 2)), max(8, _round_shape(T1, 2))
-    src = torch.zeros(B2, S2, dtype=torch.long)
-    tgt = torch.zeros(B2, T2, dtype=torch.long)
-    src[:B, :S], tgt[:B, :T1] = batch.src, batch.tgt
-    src[B:, 0], tgt[B:, 0] = EOS_ID, BOS_ID
-    pin = batch.src.is_pinned()
-    return BenchBatch(src.pin_memory() if pin else src, tgt.pin_memory() if pin else tgt, batch.src_lens,
-                      batch.tgt_lens)
-
-
 # ---- FLOPs -------------------------------------------------------------------------------------------------------
 FLOPS_FORMULA = (
     "train FLOPs = 6 * (N_src * s + N_tgt * t) + 3 * attention_fwd, over real (non-pad) tokens; s, t = source / "
@@ -175,7 +153,7 @@ FLOPS_FORMULA = (
 
 
 # ---- models and losses ---------------------------------------------------------------------------------------------
-def ours_module(arch: str, preset: str, vocab_size: int, compile: bool = False) -> TranslationModule:
+def ours_module(arch: str, preset: str, vocab_size: int, compile: bool | str = False) -> TranslationModule:
     return MODULES[arch](preset=preset, vocab_size=vocab_size, lr=LR, warmup_steps=WARMUP, dropout=0.1,
                          compile=compile)
 
@@ -394,22 +372,24 @@ def measure(arch: str, name: str, size: int, args, batches: list[BenchBatch], to
     v = VARIANTS[name]
     free_memory(device)
     torch.manual_seed(args.seed)
-    run = [bucket(b) for b in batches] if v.bucket else batches
+    run = batches
     shapes = len({(b.src.shape, b.tgt.shape) for b in run})
     warmup = args.warmup + (3 * len(run) if v.compile else 0)  # every shape compiled (and recorded) before timing
     started = time.perf_counter()
     if v.impl == "lightning":
-        module = ours_module(arch, args.preset, cfg.vocab_size, compile=v.compile is not None)
+        module = ours_module(arch, args.preset, cfg.vocab_size, compile=v.compile or False)
         times = lightning_loop(module, tokenizer, run, warmup + args.steps, device)
         n_params = module.model.num_parameters()
         del module
     else:
         model = (ours_module(arch, args.preset, cfg.vocab_size).model if v.impl == "ours"
                  else hf_model(arch, cfg, args.hf_attn)).to(device)
-        forward = torch.compile(model, mode=v.compile) if v.compile else model
-        times = bare_loop(model, loss_fn(v.impl, arch, forward), run, warmup + args.steps, v, device)
+        step_loss = loss_fn(v.impl, arch, model)  # forward and loss, compiled together as the module does
+        if v.compile:
+            step_loss = torch.compile(step_loss, mode=v.compile)
+        times = bare_loop(model, step_loss, run, warmup + args.steps, v, device)
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        del model, forward
+        del model, step_loss
     wall = time.perf_counter() - started
     timed = times[warmup:]
     timed_batches = [run[(warmup + i) % len(run)] for i in range(len(timed))]

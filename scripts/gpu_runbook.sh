@@ -75,7 +75,7 @@ part_ttb() {
 
 part_bench() {  # part_bench ARCH
   run 330 "bench_$1_main" python3 scripts/bench_train.py --archs "$1" --tokens 8192 65536 \
-    --variants eager compile reduce-overhead lightning lightning-compile hf --json "$OUT/bench_train_$1_main.json"
+    --variants eager compile reduce-overhead lightning lightning-compile lightning-graphs hf --json "$OUT/bench_train_$1_main.json"
   run 200 "bench_$1_sweep" python3 scripts/bench_train.py --archs "$1" --tokens 4096 16384 131072 \
     --variants eager lightning hf --no-sdpa-report --json "$OUT/bench_train_$1_sweep.json"
 }

@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
     p.add_argument("--max-tokens", type=int, help="override data.max_tokens (the batch size)")
     p.add_argument("--num-workers", type=int, help="override data.num_workers")
-    p.add_argument("--compile", action="store_true", help="train with the module's torch.compile option")
+    p.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
+                   help="train with the module's torch.compile option (a mode, e.g. reduce-overhead, or the default)")
     p.add_argument("--target", type=float, default=41.3, help="test2016 BLEU to reach")
     p.add_argument("--eval-every-seconds", type=float, default=5.0, help="greedy eval every N s of training (0: off)")
     p.add_argument("--eval-every-steps", type=int, default=0, help="greedy eval every N steps (0: off)")
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     init = dict(model_cfg.get("init_args", {}), vocab_size=dm.vocab_size)
     if args.preset:
         init["preset"] = args.preset
-    if args.compile:
-        init["compile"] = True
+    if args.compile is not None:
+        init["compile"] = args.compile
     module = module_class(**init)
     max_steps = args.max_steps or recipe["trainer"].get("max_steps", 8000)
     clock = TimeToBleu(batches, args.target, args.eval_every_seconds, args.eval_every_steps, device)

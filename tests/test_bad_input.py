@@ -193,6 +193,18 @@ def test_impossible_value_is_named(files, tmp_path, capsys, monkeypatch):
     assert "max_tokens=10" in line
 
 
+@pytest.mark.parametrize(
+    "arg, value, expected",
+    [("schedule", "linear", "schedule='linear'"), ("compile", "fast", "compile='fast'"),
+     ("positions", "alibi", "positions='alibi'")],
+)
+def test_impossible_model_value_is_named(arg, value, expected, files, tmp_path, capsys, monkeypatch):
+    """The module's own check, although jsonargparse re-raises it as a Union validation error."""
+    monkeypatch.chdir(tmp_path)
+    line = fails_cleanly(cli_args("fit", MULTI30K, files["tokenizer"], f"--model.init_args.{arg}", value), capsys)
+    assert expected in line
+
+
 def test_missing_tokenizer_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = fails_cleanly(cli_args("fit", MULTI30K, tmp_path / "nope.model"), capsys)

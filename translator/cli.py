@@ -156,7 +156,18 @@ def _user_error(err: BaseException) -> str | None:
 
     FileNotFoundError and CheckpointError count wherever they come from; ValueError when translator code raised it
     (in this process, or in a DataLoader worker: torch re-raises those with the worker's traceback as the message).
+    The chain of causes counts too: jsonargparse re-raises a constructor's ValueError (a bad `--model.init_args`
+    value) as its own "Does not validate against any of the Union subtypes".
     """
+    while err is not None:
+        message = _own_user_error(err)
+        if message is not None:
+            return message
+        err = err.__cause__
+    return None
+
+
+def _own_user_error(err: BaseException) -> str | None:
     message = str(err)
     if "Original Traceback" in message:  # from a DataLoader worker: keep the original exception's last line
         origin_is_ours = f"{_PACKAGE_DIR}{os.sep}" in message.rsplit('File "', 1)[-1]
