@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", help="reference translations (one per input line): print BLEU and chrF")
     parser.add_argument("--max-input-tokens", type=int, default=256, help="truncate longer inputs (with a warning)")
     parser.add_argument("--attention", metavar="PNG", help="draw the first sentence's attention heatmap here")
+    parser.add_argument("--static", action="store_true",
+                        help="fixed-shape beam search: one CUDA graph per batch on a GPU (same translations)")
     args = parser.parse_args(argv)
     for name in ("beam", "batch_tokens", "max_input_tokens"):
         if getattr(args, name) < 1:
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
         results = translate(
             model, tokenizer, sentences, beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty,
+            static=args.static,
             batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens,
         )
         write_output(format_output(results, args.nbest), args.output)

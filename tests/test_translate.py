@@ -86,6 +86,9 @@ def test_translate_keeps_order_count_and_empty_lines(loaded, arch):
     assert [[h.text for h in hyps] for hyps in alone] == [[h.text for h in hyps] for hyps in results]
     reversed_ = translate(model, tokenizer, SENTENCES[::-1], beam=3, nbest=2)
     assert [h[0].text for h in reversed_[::-1]] == [h[0].text for h in results]
+    static = translate(model, tokenizer, SENTENCES, beam=3, nbest=2, static=True)  # the CUDA-graph form, on CPU
+    assert [[h.text for h in hyps] for hyps in static] == [[h.text for h in hyps] for hyps in results]
+    assert [h.score for hyps in static for h in hyps] == pytest.approx([h.score for hyps in results for h in hyps])
 
 
 def test_long_input_is_truncated_with_a_warning_naming_the_line(loaded, caplog):
@@ -170,6 +173,9 @@ def test_script_sentences_as_arguments(checkpoints):
     proc = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--beam", "1", "Ein Hund läuft.", "Eine Frau.")
     assert proc.returncode == 0, proc.stderr.decode()
     assert len(proc.stdout.decode().splitlines()) == 2
+    static = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--beam", "1", "--static", "Ein Hund läuft.",
+                        "Eine Frau.")
+    assert static.returncode == 0 and static.stdout == proc.stdout, static.stderr.decode()
 
 
 def test_script_missing_checkpoint_exits_2_without_traceback(tmp_path):
