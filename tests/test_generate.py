@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from translator import generate
 from translator.generate import Hypothesis, beam_search, greedy, length_factor
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
@@ -347,3 +349,76 @@ def test_static_decoding_equals_dynamic_logits(real):
             torch.testing.assert_close(model.decode_step(tokens[:, t : t + 1], static), want, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="one token per step"):
             model.decode_step(tokens[:, :2], static)
+
+
+class SyncAudit(TorchDispatchMode):
+    """Records the ops a CUDA graph capture cannot hold: host syncs, data-dependent shapes, host-to-device copies of
+    Python values."""
+
+    FORBIDDEN = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "masked_select", "lift_fresh",
+                 "lift_fresh_copy", "unique", "_unique2", "equal"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN or (name == "index" and any(
+                i is not None and i.dtype == torch.bool for i in args[1])):
+            self.bad.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def step_tensors(one_step) -> dict[str, torch.Tensor]:
+    """Every tensor a static step can reach: its closure's, and the decode state's."""
+    out = {}
+    for name, cell in zip(one_step.__code__.co_freevars, one_step.__closure__):
+        value = cell.cell_contents
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, tuple):
+            out.update({f"{name}[{i}]": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+        elif hasattr(value, "layers"):  # the DecodeState
+            for i, layer in enumerate(value.layers):
+                for kind in ("self_kv", "cross_kv"):
+                    kv = getattr(layer, kind)
+                    out.update({f"{kind}{i}.{a}": getattr(kv, a) for a in ("k", "v", "filled")
+                                if getattr(kv, a) is not None})
+            out.update({a: getattr(value, a) for a in ("key_pad", "pos", "static_keys")})
+    return out
+
+
+def test_static_step_is_capturable(real, monkeypatch):
+    """The CUDA-graph contract, checked on CPU: after the warm-up step, a step runs no host-syncing op and reads and
+    writes only tensors that keep their identity, address and shape; the search still equals the dynamic one."""
+    model, src = real
+    checked = []
+
+    def audited(one_step, done, cap):
+        one_step()  # step 0: the warm-up
+        if cap == 0 or done.all():
+            return
+        before = {k: (id(v), v.data_ptr(), v.shape) for k, v in step_tensors(one_step).items()}
+        with SyncAudit() as audit:
+            one_step()  # what capture would record
+        assert audit.bad == []
+        assert {k: (id(v), v.data_ptr(), v.shape) for k, v in step_tensors(one_step).items()} == before
+        checked.append(len(before))
+        for _ in range(cap - 1):
+            one_step()
+            if done.all():
+                break
+
+    monkeypatch.setattr(generate, "_run_static", audited)
+    kw = dict(beam_size=3, nbest=2, max_len_a=1.0, max_len_b=4)
+    static, dynamic = beam_search(model, src, static=True, **kw), beam_search(model, src, **kw)
+    assert checked and checked[0] >= 19  # the search's 11 tensors, the state's 3 and every layer's cache
+    assert [[h.tokens for h in hs] for hs in static] == [[h.tokens for h in hs] for hs in dynamic]
+
+
+def test_empty_batch(real):
+    model, _ = real
+    empty = torch.zeros((0, 4), dtype=torch.long)
+    for static in (False, True):
+        assert beam_search(model, empty, static=static) == [] and greedy(model, empty, static=static) == []

@@ -15,6 +15,7 @@ dropout stays under the caller's control. They run under ``torch.inference_mode(
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Protocol
@@ -293,6 +294,8 @@ def _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, 
     a fixed shape and address (the search's own and, after ``make_static``, the cache's), so on CUDA one step is
     captured as a CUDA graph and replayed. Writes the finished hypotheses into ``fin``."""
     B, device = scores.size(0), scores.device
+    if B == 0:
+        return
     state.make_static(cap + 1)
     t = torch.zeros((), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -314,30 +317,47 @@ def _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, 
         scores.copy_(next_scores)
         t.add_(1)
 
-    graph = None
-    for _ in range(cap + 1):
-        if graph is not None:
-            graph.replay()
-        elif device.type == "cuda":  # the first step runs eagerly (warm-up), the second is captured and replayed
-            graph = _run_then_capture(one_step)
-        else:
+    _run_static(one_step, done, cap)
+
+
+def _run_static(one_step: Callable[[], None], done: Tensor, cap: int) -> None:
+    """Run the static search's steps (at most cap + 1) until every sentence is done."""
+    device = done.device
+    if device.type != "cuda":
+        for _ in range(cap + 1):
             one_step()
-        if done.all():  # the loop's one host sync
-            break
-
-
-def _run_then_capture(fn) -> torch.cuda.CUDAGraph:
-    """Run fn once on a side stream (CUDA graph capture needs a warmed-up stream), then capture it (capture records
-    the kernels without running them). Autocast's weight cache is off inside: cached casts would be freed under the
-    graph."""
+            if done.all():  # the loop's one host sync
+                break
+        return
+    # CUDA: step 0 runs eagerly on a side stream (the warm-up capture needs), step 1 is recorded (not run) on that
+    # stream, and steps 1..cap are replays. Autocast's weight cache is off inside: cached casts made during capture
+    # would be freed under the graph.
     autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                               enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast:
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast:
-        fn()
-    return graph
+    with torch.cuda.device(device):
+        side = _side_stream(device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            one_step()
+        torch.cuda.current_stream().wait_stream(side)
+        if cap == 0 or done.all():
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), autocast:
+            one_step()
+        for _ in range(cap):
+            graph.replay()
+            if done.all():  # the loop's one host sync
+                break
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for warm-up and capture: a new stream per batch would make cuBLAS keep a workspace
+    for each."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
