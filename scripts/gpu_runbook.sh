@@ -20,7 +20,8 @@
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash scripts/gpu_runbook.sh train
 #   The cached tokenizer (checkpoints/tokenizers/) may travel too (carry it) to save its ~20 s of training.
-# DRY_RUN=1 prints the commands without running them.
+# DRY_RUN=1 prints the commands without running them; EXTRA_FIT_ARGS adds arguments to the train part's fits
+# (tests/test_compare.py runs scripts/compare_architectures.sh itself on CPU with tiny models).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -53,7 +54,7 @@ run() {  # run CAP_SECONDS LOG_NAME COMMAND...: time-capped, logged, never abort
 
 part_train() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-  FIT_ARGS="--trainer.max_time $TRAIN_TIME --data.num_workers 4" COMPARE_ARGS="--bootstrap 1000" \
+  FIT_ARGS="--trainer.max_time $TRAIN_TIME --data.num_workers 4 ${EXTRA_FIT_ARGS:-}" COMPARE_ARGS="--bootstrap 1000" \
     run 570 train bash scripts/compare_architectures.sh "$DATA" "$OUT/compare"
   for run in encdec decoder_only decoder_only_causal; do  # the training curves, for docs/results.md
     [ -e "checkpoints/$run/metrics.csv" ] && cp "checkpoints/$run/metrics.csv" "$OUT/compare/$run-metrics.csv"

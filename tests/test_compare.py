@@ -266,3 +266,42 @@ def test_testset_files_must_pair_up(tmp_path):
         read_testset(None, tmp_path / "a.de", tmp_path / "a.en")
     ts = read_testset("mine", f"{MULTI30K}:val", limit=3)  # DATA:SPLIT, read by load_pairs
     assert ts.name == "mine" and len(ts.sources) == len(ts.references) == 3 and "val.de" in ts.where
+
+
+def test_compare_architectures_script_end_to_end(tokenizer, tmp_path):
+    """scripts/compare_architectures.sh, the whole experiment in one command, on CPU with tiny models: three `fit`s of
+    the shipped configs, then compare.py over their best checkpoints."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"  # the script writes checkpoints/<run>/ next to its configs: a copy keeps the repo clean
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("compare_architectures.sh", "compare.py"):
+        shutil.copy(REPO / "scripts" / name, repo / "scripts" / name)
+    shutil.copytree(REPO / "configs", repo / "configs")
+    data = tmp_path / "multi30k"
+    data.mkdir()
+    for split, source, n in (("train", "train", 2000), ("val", "val", 32), ("test_2016_flickr", "test_2016_flickr", 40)):
+        for lang in ("de", "en"):
+            with gzip.open(MULTI30K / f"{source}.{lang}.gz", "rt", encoding="utf-8") as f:
+                (data / f"{split}.{lang}").write_text("".join(itertools.islice(f, n)), encoding="utf-8")
+    tokenizer_file = tmp_path / "tok.model"
+    tokenizer.save(tokenizer_file)
+    fit = (f"--model.init_args.preset tiny --model.init_args.bleu_sentences 8 --trainer.max_steps 12 "
+           f"--trainer.val_check_interval 6 --trainer.enable_progress_bar false --data.tokenizer {tokenizer_file} "
+           "--trainer.log_every_n_steps 2 --data.vocab_size 1000 --data.num_workers 0 --data.shuffle_buffer 500 "
+           "--data.max_tokens 1024")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINER_CONFIG": "configs/trainer/cpu.yaml", "DEVICE": "cpu",
+           "FIT_ARGS": fit, "COMPARE_ARGS": "--bootstrap 50 --beam 2 --examples 1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "report"
+    proc = subprocess.run(["bash", str(repo / "scripts" / "compare_architectures.sh"), str(data), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["encdec", "decoder_only", "decoder_only_causal"]
+    for r in report["rows"]:  # best checkpoints (by val/bleu at step 6 or 12), their training logs read
+        assert r["steps"] in (6, 12) and r["train_tok_per_s"] > 0, r
+    assert (out / "report.md").is_file() and list(out.glob("*.png"))
+    for run in ("encdec", "decoder_only", "decoder_only_causal"):
+        assert list((repo / "checkpoints" / run).glob("best-step=*.ckpt"))
