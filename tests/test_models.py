@@ -101,14 +101,15 @@ def test_future_target_tokens_do_not_change_past_logits(arch, positions):
 @pytest.mark.parametrize("arch", ["prefix-lm", "causal-lm"])
 def test_target_tokens_never_change_source_states(arch, positions):
     model = build(arch, positions)
-    src, tgt = random_batch([6, 3], [5, 5])
-    S = src.size(1)
+    lengths = [6, 3]
+    src, tgt = random_batch(lengths, [5, 5])
     changed = tgt.clone()
     changed[:, 1:] = torch.randint(5, V, changed[:, 1:].shape, generator=torch.Generator().manual_seed(9))
     before, after = block_outputs(model, src, tgt), block_outputs(model, src, changed)
-    for a, b in zip(before, after):
-        torch.testing.assert_close(b[:, :S], a[:, :S], **EXACT)
-        assert (b[:, S + 1 :] - a[:, S + 1 :]).abs().max() > 1e-4  # target states do change
+    for a, b in zip(before, after):  # packed rows: row i's source states are its first lengths[i] positions
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(b[i, :n], a[i, :n], **EXACT)
+            assert (b[i, n + 1 :] - a[i, n + 1 :]).abs().max() > 1e-4  # target states (after <sep>) do change
     # the prefilled cache (what decoding attends to) does not see the target at all, and equals forward's K/V
     state = model.init_state(src)
     k_forward = []
@@ -117,9 +118,9 @@ def test_target_tokens_never_change_source_states(arch, positions):
     hook.remove()
     if positions != "rope":  # K before rotation equals the cached K only without rope; rope is covered by decoding
         D = model.config.d_model
-        k = k_forward[0][:, :S, D : 2 * D]  # (B, S, D)
-        cached = state.layers[-1].self_kv.k.transpose(1, 2).reshape(k.shape)
-        torch.testing.assert_close(cached, k, **EXACT)
+        cached = state.layers[-1].self_kv.k.transpose(1, 2).flatten(2)  # (B, S, D), right-padded source
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(cached[i, :n], k_forward[0][i, :n, D : 2 * D], **EXACT)
 
 
 @pytest.mark.parametrize("positions", POSITIONS)

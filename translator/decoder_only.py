@@ -1,8 +1,10 @@
 """Decoder-only Transformer over one sequence `source <sep> target`, trained as a language model on the target.
 
-The batch is the seq2seq one (docs/design.md): the model concatenates `src` (B, S) and the target inputs, whose
-leading `<bos>` becomes `<sep>`. Source pads then sit in the middle of the sequence; they are masked as keys and
-skipped by the position ids, so a sentence's outputs do not depend on how much padding its batch needed.
+The batch is the seq2seq one (docs/design.md). In training, the model packs each row as the source's real tokens, then
+the target inputs (whose leading `<bos>` becomes `<sep>`), then every pad: positions are plain 0, 1, 2, ..., the plain
+recipe needs no mask at all (causal attention; pads come after every real token, so no real query sees them: flash
+kernels run), and a sentence's outputs do not depend on how much padding its batch needed. Decoding prefills the
+right-padded source instead, with its pads masked as keys and skipped by the position ids: the same positions.
 
 `prefix_mode="bidirectional"` is a prefix-LM: source positions attend to the whole source, target positions
 causally to everything before them. `"causal"` is the plain recipe: causal everywhere.
@@ -73,23 +75,26 @@ class DecoderOnlyTransformer(nn.Module):
         """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V) for the
         target positions only (`<sep>` predicts y1)."""
         (B, S), T = src.shape, tgt.size(1)
-        src_keep = src != self.config.pad_id  # (B, S)
+        n = (src != self.config.pad_id).sum(1, keepdim=True)  # (B, 1) source length = position of <sep>
         tgt = torch.cat([torch.full_like(tgt[:, :1], self.config.sep_id), tgt[:, 1:]], dim=1)
-        tokens = torch.cat([src, tgt], dim=1)  # (B, S+T)
-        src_pos = self._source_positions(src_keep)
-        first = 0 if self.config.rope_restart else src_keep.sum(1, keepdim=True)  # position of <sep>
-        tgt_pos = first + torch.arange(T, device=src.device)  # (B, T)
-        pos = torch.cat([src_pos, tgt_pos.expand(B, T)], dim=1)
-        segment = torch.cat([torch.zeros_like(src), torch.ones_like(tgt)], dim=1)
-        x, rope = self._embed(tokens, pos, segment, S + T)
-        # (B, 1, S+T, S+T): the source block per prefix_mode; target rows causal over all real tokens
-        keep = torch.cat([src_keep, torch.ones_like(tgt, dtype=torch.bool)], dim=1)
-        mask = torch.ones(S + T, S + T, dtype=torch.bool, device=src.device).tril()
-        mask = (mask & keep[:, None, None, :]).clone()
-        mask[:, :, :S, :S] = self._prefix_mask(src_keep)
+        # pack: packed position j holds source token j (j < n), else target token j - n
+        j = torch.arange(S + T, device=src.device)  # (L,)
+        in_tgt = j >= n  # (B, L)
+        take = torch.where(in_tgt, S + j - n, j).clamp(max=S + T - 1)  # (B, L) index into cat([src, tgt])
+        tokens = torch.cat([src, tgt], dim=1).gather(1, take)  # (B, L), the tail past the target is pad
+        tokens = tokens.masked_fill(j >= n + T, self.config.pad_id)
+        pos = torch.where(in_tgt, j - n, j) if self.config.rope_restart else j.expand(B, S + T)
+        x, rope = self._embed(tokens, pos, in_tgt.long(), S + T)
+        if self.config.prefix_mode == "causal":
+            mask = None
+        else:  # (B, 1, L, L): causal, plus the whole source for source queries
+            in_src = ~in_tgt
+            mask = (j[:, None] >= j[None, :]) | (in_src[:, None, :, None] & in_src[:, None, None, :])
         for block in self.blocks:
-            x = block(x, mask=mask, rope=rope)
-        return self.lm_head(self.norm(x[:, S:]))
+            x = block(x, mask=mask, is_causal=mask is None, rope=rope)
+        out = (n + torch.arange(T, device=src.device)).clamp(max=S + T - 1)  # (B, T) packed target positions
+        x = x.gather(1, out.unsqueeze(-1).expand(B, T, x.size(-1)))  # (B, T, D)
+        return self.lm_head(self.norm(x))
 
     # ---- the decode-step interface (docs/design.md) ------------------------------------------------------------
     def init_state(self, src: Tensor) -> DecodeState:
