@@ -100,7 +100,7 @@ class DecoderOnlyTransformer(nn.Module):
     def init_state(self, src: Tensor) -> DecodeState:
         """Prefill the source prefix into the self-attention caches."""
         src_keep = src != self.config.pad_id
-        state = DecodeState([LayerCache() for _ in self.blocks], ~src_keep, src_keep.sum(1))
+        state = DecodeState([LayerCache() for _ in self.blocks], ~src_keep, src_keep.sum(1), prefix_len=src.size(1))
         if self.config.rope_restart:
             state.pos = torch.zeros_like(state.pos)
         x, rope = self._embed(src, self._source_positions(src_keep), 0, src.size(1))

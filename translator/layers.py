@@ -134,15 +134,17 @@ class KVCache:
         k[:, :, :L], v[:, :, :L] = self.k, self.v
         self.k, self.v, self.filled = k, v, torch.tensor(L, device=k.device)
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: Tensor, start: int = 0) -> None:
+        """Rows `index` of the cache. Static and of the same size: in place (a captured graph holds these buffers),
+        and only from slot `start` on (slots before it are the same in every row that replaces another)."""
         if self.k is None:
             return
-        k, v = self.k.index_select(0, index), self.v.index_select(0, index)
-        if self.filled is not None and k.shape == self.k.shape:  # in place: a captured graph holds these buffers
-            self.k.copy_(k)
-            self.v.copy_(v)
+        if self.filled is not None and index.numel() == self.k.size(0):
+            for buf in (self.k, self.v):
+                part = buf[:, :, start:]
+                part.copy_(part.index_select(0, index))
         else:
-            self.k, self.v = k, v
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class Attention(nn.Module):
@@ -286,6 +288,7 @@ class DecodeState:
     layers: list[LayerCache]
     key_pad: Tensor
     pos: Tensor
+    prefix_len: int = 0  # self-attention cache slots holding the source (decoder-only: S), the same in all beams
     static_keys: Tensor | None = None  # static only: (B, capacity) bool, True at self-attention slots a query may see
 
     @property
@@ -299,18 +302,16 @@ class DecodeState:
         return self.static_keys is not None
 
     def make_static(self, steps: int) -> None:
-        """Preallocate room for `steps` more tokens. Keys already cached stay visible, except the decoder-only's
-        source pads (its cache starts with the source prefix; the seq2seq self-attention cache starts empty)."""
-        B, S = self.key_pad.shape
+        """Preallocate room for `steps` more tokens. Keys already cached stay visible, except the source pads of a
+        decoder-only prefix (the seq2seq self-attention cache starts empty)."""
+        B, P = self.key_pad.size(0), self.prefix_len
         for layer in self.layers:
             if layer.self_kv.k is None:  # seq2seq before its first token: shape the buffers like the cross K/V
                 _, nh, _, hs = layer.cross_kv.k.shape
                 layer.self_kv.k = layer.self_kv.v = layer.cross_kv.k.new_zeros(B, nh, 0, hs)
             layer.self_kv.make_static(steps)
-        L = self.length - steps  # keys cached before
-        seen = torch.ones(B, L, dtype=torch.bool, device=self.key_pad.device)  # (B, L)
-        if L:
-            seen[:, :S] = ~self.key_pad
+        seen = torch.ones(B, self.length - steps, dtype=torch.bool, device=self.key_pad.device)  # keys cached so far
+        seen[:, :P] = ~self.key_pad[:, :P]
         self.static_keys = torch.cat([seen, seen.new_zeros(B, steps)], 1)  # (B, capacity)
         self.pos = self.pos.clone()  # advanced in place from now on
 
@@ -331,10 +332,11 @@ class DecodeState:
         """Keep/reorder batch rows (beam search); index (B',) into the current batch.
 
         beams_only: every new row copies a row of the same source sentence (a beam step that dropped no sentence),
-        so what depends only on the source (cross-attention K/V, source pads, positions) is left as it is.
+        so what depends only on the source (cross-attention K/V, source pads, positions, and in a static cache the
+        decoder-only's source slots) is left as it is.
         """
         for layer in self.layers:
-            layer.self_kv.reorder(index)
+            layer.self_kv.reorder(index, self.prefix_len if beams_only else 0)
             if not beams_only:
                 layer.cross_kv.reorder(index)
         if not beams_only:
