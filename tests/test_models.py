@@ -391,3 +391,19 @@ def test_train_flops_matches_torch_flop_counter(arch):
         model(src, tgt[:, :-1]).sum().backward()
     expected = train_flops(cfg, torch.full((B,), S), torch.full((B,), T))
     assert abs(expected - counter.get_total_flops()) / counter.get_total_flops() < 0.03
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_loss_traces_without_graph_breaks(arch, positions):
+    """torch.compile(fullgraph=True) of forward + loss over batches of changing shapes (dynamic dimensions): a graph
+    break would split `compile=True` training into pieces and defeat CUDA graphs (it happened: `is_causal=T > 1`
+    became a symbolic bool). Dynamo's tracing only (backend="eager"), so it takes seconds."""
+    from translator.module import token_loss
+
+    torch._dynamo.reset()  # each test's model is new: without a reset, recompiles of token_loss pile up to the limit
+    model = build(arch, positions, dtype=torch.float32).train()
+    step = torch.compile(lambda s, t: token_loss(model, s, t, 0.1)[0], fullgraph=True, backend="eager")
+    for lengths in ([5, 3], [7, 2, 4], [4, 6, 2, 3]):
+        src, tgt = random_batch(lengths, lengths[::-1], seed=len(lengths))
+        step(src, tgt).backward()

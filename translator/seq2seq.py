@@ -66,13 +66,16 @@ class Seq2SeqTransformer(nn.Module):
             if T != 1:
                 raise ValueError(f"a static decode state takes one token per step, got {T}")
             pos, bound, mask = state.pos[:, None], state.length, state.static_mask()
+            is_causal = False
         else:
             start = 0 if state is None else state.length
             pos, bound = torch.arange(start, start + T, device=tgt.device).expand(B, T), start + T
             # training: plain causal (target pads sit at the end, after every real token); cached decoding of one
             # token needs no mask; several tokens after a cache need the offset causal mask
             mask = causal_mask(T, start + T, tgt.device) if state is not None and T > 1 and start > 0 else None
-        is_causal = mask is None and T > 1
+            # causal from position 0 (a 1 x 1 block is the same either way). Not `T > 1`: under torch.compile T is
+            # symbolic, and SDPA takes a Python bool only
+            is_causal = mask is None and start == 0
         x, rope = self._embed(self.tgt_embed, tgt, pos, bound)
         for i, block in enumerate(self.decoder):
             cache = state.layers[i] if state is not None else None
