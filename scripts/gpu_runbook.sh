@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement the issues ask for, cut into parts that each fit one 10-minute call of the lent H100.
-#   bash scripts/gpu_runbook.sh PART [PART ...]     PART: train decode ttb bench-s2s bench-dec all
+#   bash scripts/gpu_runbook.sh PART [PART ...]     PART: train decode ttb bench-s2s bench-dec tune all
 # Writes logs, JSON and reports to $RESULTS (default out/gpu). When $OUT is set (the device tool's folder that comes
 # back, at most 8 files), everything new under $RESULTS is also packed into $OUT/gpu-PARTS.tgz at the end.
 #
@@ -13,6 +13,8 @@
 #   ttb        (~5 min) issue #8: scripts/time_to_bleu.py, the encdec recipe until test2016 greedy BLEU >= 41.3
 #   bench-s2s, bench-dec (~9 min each) issue #8: scripts/bench_train.py for one architecture, every variant at the
 #              recipe's 8192 and at 65536 tokens, the eager/HF/Lightning variants at 4096, 16384 and 131072
+#   tune       (~9 min) issue #4's "hyper-parameters tuned on the GPU": four encdec recipe variants (lr, warmup,
+#              dropout, batch), 100 s of training each, greedy *validation* BLEU every 10 s (the test set untouched)
 #
 # On the device machine (which has no `datasets`/`jsonargparse` and no ../shared), from this repository:
 #   here, once:   bash scripts/fetch_wheels.sh && mkdir -p .data && cp -r ../shared/data/multi30k .data/
@@ -74,6 +76,21 @@ part_ttb() {
   run 300 time_to_bleu python3 scripts/time_to_bleu.py --data "$DATA" --json "$OUT/time_to_bleu.json"
 }
 
+part_tune() {
+  local variants=(
+    "base::"
+    "lr2e-3_wu400::--model-arg lr=2e-3 --model-arg warmup_steps=400"
+    "wu400_do0.3::--model-arg warmup_steps=400 --model-arg dropout=0.3"
+    "lr2e-3_wu400_16k::--model-arg lr=2e-3 --model-arg warmup_steps=400 --max-tokens 16384"
+  )
+  for v in "${variants[@]}"; do
+    local name=${v%%::*} extra
+    read -r -a extra <<< "${v#*::}"
+    run 140 "tune_$name" python3 scripts/time_to_bleu.py --data "$DATA" --test-split val --target 100 \
+      --max-seconds 100 --eval-every-seconds 10 --beam 1 ${extra[@]+"${extra[@]}"} --json "$OUT/tune_$name.json"
+  done
+}
+
 part_bench() {  # part_bench ARCH
   run 330 "bench_$1_main" python3 scripts/bench_train.py --archs "$1" --tokens 8192 65536 \
     --variants eager compile reduce-overhead lightning lightning-compile lightning-graphs hf --json "$OUT/bench_train_$1_main.json"
@@ -81,7 +98,7 @@ part_bench() {  # part_bench ARCH
     --variants eager lightning hf --no-sdpa-report --json "$OUT/bench_train_$1_sweep.json"
 }
 
-[ $# -ge 1 ] || { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 for part in "$@"; do
   case $part in
     train) part_train ;;
@@ -89,7 +106,8 @@ for part in "$@"; do
     ttb) part_ttb ;;
     bench-s2s) part_bench seq2seq ;;
     bench-dec) part_bench decoder_only ;;
-    all) part_train; part_decode; part_ttb; part_bench seq2seq; part_bench decoder_only ;;
-    *) echo "gpu_runbook.sh: error: unknown part $part (train decode ttb bench-s2s bench-dec all)" >&2; exit 2 ;;
+    tune) part_tune ;;
+    all) part_train; part_decode; part_ttb; part_bench seq2seq; part_bench decoder_only; part_tune ;;
+    *) echo "gpu_runbook.sh: error: unknown part $part (train decode ttb bench-s2s bench-dec tune all)" >&2; exit 2 ;;
   esac
 done

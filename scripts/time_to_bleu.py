@@ -18,6 +18,10 @@ separately. The first evaluation at or above the target stops training; the mode
 with beam ``--beam`` to confirm. Tokenizer training (cached) and data setup happen before the clock starts and are
 reported as ``setup_s``. Note the trigger uses the *test* set, as the benchmark target is defined on it; it measures
 speed, not model selection. Writes ``--json``.
+
+For tuning, evaluate on the validation split instead and cap the time: ``--test-split val --target 100
+--max-seconds 100 --model-arg lr=2e-3`` gives the curve of validation BLEU against training time of one recipe
+variant (``scripts/gpu_runbook.sh tune`` runs four).
 """
 
 from __future__ import annotations
@@ -56,6 +60,16 @@ def load_recipe(paths: list[Path]) -> dict[str, Any]:
     return recipe
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value: a number when it reads as one (YAML would leave `2e-3` a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -65,8 +79,9 @@ class TimeToBleu(L.Callback):
     """Keeps the training clock, runs the greedy evaluations and stops training at the target."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, list[str]]], target: float, every_s: float, every_steps: int,
-                 device: torch.device) -> None:
+                 device: torch.device, max_s: float | None = None) -> None:
         self.batches, self.target, self.every_s, self.every_steps, self.device = batches, target, every_s, every_steps, device
+        self.max_s = max_s
         self.history: list[dict[str, float]] = []
         self.hit: dict[str, float] | None = None
         self.train_s = self.eval_s = 0.0
@@ -112,6 +127,8 @@ class TimeToBleu(L.Callback):
         if score >= self.target and self.hit is None:
             self.hit = self.history[-1]
             trainer.should_stop = True
+        if self.max_s is not None and self.train_s >= self.max_s:
+            trainer.should_stop = True
         self._next_eval = self.train_s + self.every_s
         self._segment = time.perf_counter()
 
@@ -138,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="override data.num_workers")
     p.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
                    help="train with the module's torch.compile option (a mode, e.g. reduce-overhead, or the default)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model init arg of the recipe (repeatable; VALUE a number or YAML), e.g. lr=2e-3")
+    p.add_argument("--max-seconds", type=float, help="stop after this much training time (at an evaluation)")
     p.add_argument("--target", type=float, default=41.3, help="test2016 BLEU to reach")
     p.add_argument("--eval-every-seconds", type=float, default=5.0, help="greedy eval every N s of training (0: off)")
     p.add_argument("--eval-every-steps", type=int, default=0, help="greedy eval every N steps (0: off)")
@@ -173,11 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     init = dict(model_cfg.get("init_args", {}), vocab_size=dm.vocab_size)
     if args.preset:
         init["preset"] = args.preset
+    for item in args.model_arg:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"time_to_bleu.py: error: --model-arg {item!r}: expected KEY=VALUE")
+        init[key] = parse_value(value)
     if args.compile is not None:
         init["compile"] = args.compile
     module = module_class(**init)
     max_steps = args.max_steps or recipe["trainer"].get("max_steps", 8000)
-    clock = TimeToBleu(batches, args.target, args.eval_every_seconds, args.eval_every_steps, device)
+    clock = TimeToBleu(batches, args.target, args.eval_every_seconds, args.eval_every_steps, device, args.max_seconds)
     trainer = L.Trainer(
         accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
         max_steps=max_steps, gradient_clip_val=recipe["trainer"].get("gradient_clip_val"), logger=False,
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     state = (f"reached {args.target} after {result['time_to_target_s']:.1f} s of training (step {result['step_at_target']})"
              if clock.hit else f"did not reach {args.target} in {trainer.global_step} steps ({clock.train_s:.1f} s)")
-    print(f"\n{state}; greedy {result['greedy_bleu']:.2f}, beam {args.beam} {beam_bleu:.2f} BLEU on {n_test} test2016 pairs;"
+    print(f"\n{state}; greedy {result['greedy_bleu']:.2f}, beam {args.beam} {beam_bleu:.2f} BLEU on {n_test} {args.test_split} pairs;"
           f" evaluation {clock.eval_s:.1f} s (excluded), setup {setup_s:.1f} s, first step {clock.first_step_s:.1f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
