@@ -205,6 +205,13 @@ def test_impossible_model_value_is_named(arg, value, expected, files, tmp_path, 
     assert expected in line
 
 
+def test_impossible_trainer_setting_is_named(files, tmp_path, capsys, monkeypatch):
+    """Lightning's own check of the Trainer's arguments, as one line (it raised from deep inside the Trainer)."""
+    monkeypatch.chdir(tmp_path)
+    args = cli_args("fit", MULTI30K, files["tokenizer"], "--trainer.strategy", "fsdp", "--trainer.accelerator", "cpu")
+    assert "requires a GPU accelerator" in fails_cleanly(args, capsys)
+
+
 def test_missing_tokenizer_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = fails_cleanly(cli_args("fit", MULTI30K, tmp_path / "nope.model"), capsys)

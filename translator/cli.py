@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
@@ -168,18 +169,20 @@ def _user_error(err: BaseException) -> str | None:
 
 
 def _own_user_error(err: BaseException) -> str | None:
-    message = str(err)
+    message, origin = str(err), ""
     if "Original Traceback" in message:  # from a DataLoader worker: keep the original exception's last line
-        origin_is_ours = f"{_PACKAGE_DIR}{os.sep}" in message.rsplit('File "', 1)[-1]
+        origin = message.rsplit('File "', 1)[-1]
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     else:
         tb = err.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        origin_is_ours = tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep)
-    if isinstance(err, (FileNotFoundError, checkpoint.CheckpointError)):
+        origin = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    if isinstance(err, (FileNotFoundError, checkpoint.CheckpointError, MisconfigurationException)):
         return message
-    if isinstance(err, ValueError) and origin_is_ours:
+    # ours, or the Trainer's checks of its arguments (accelerator, strategy, devices, precision) in its connectors
+    if isinstance(err, ValueError) and (f"{_PACKAGE_DIR}{os.sep}" in origin
+                                        or f"{os.sep}trainer{os.sep}connectors{os.sep}" in origin):
         return message
     return None
 
