@@ -120,9 +120,8 @@ class TranslationModule(L.LightningModule):
         self.model = self.model_class(self.config)
         self.tokenizer: Tokenizer | None = None
         # a closure, not a module attribute: a second reference to the model as a child module would save every
-        # weight twice in the checkpoint
-        model, smoothing = self.model, label_smoothing
-        self._train_loss = _compiled(compile, lambda src, tgt: token_loss(model, src, tgt, smoothing)[0])
+        # weight twice in the checkpoint. self.model is looked up at each call, so a strategy that wraps it is followed
+        self._train_loss = _compiled(compile, lambda src, tgt: token_loss(self.model, src, tgt, label_smoothing)[0])
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         # token-weighted mean NLL over target tokens; perplexity is its exp (one softmax, synced across ranks)
         self.val_loss = MeanMetric()
