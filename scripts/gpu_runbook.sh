@@ -41,7 +41,7 @@ if [ -z "$DATA" ]; then
   if [ -d ../shared/data/multi30k ]; then DATA=../shared/data/multi30k; else DATA=.data/multi30k; fi
 fi
 [ -e "$DATA/train.de.gz" ] || { echo "gpu_runbook.sh: error: no Multi30k under $DATA (set DATA)" >&2; exit 2; }
-if [ ! -e ../shared/data/multi30k ]; then mkdir -p ../shared/data && ln -sfn "$PWD/$DATA" ../shared/data/multi30k; fi
+if [ ! -e ../shared/data/multi30k ]; then mkdir -p ../shared/data && ln -sfn "$(cd "$DATA" && pwd)" ../shared/data/multi30k; fi
 translator() { python3 -m translator.cli "$@"; }  # the console script needs `pip install -e .`
 export -f translator
 
