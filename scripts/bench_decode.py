@@ -122,8 +122,12 @@ def checkpoint_rows(path: str, sentences: list[str], refs: list[str] | None, arg
 
     warm = batches[0][:8]
     for beam, static in [(b, st) for b in args.beams for st in args.static]:
-        secs, outs = timed(lambda src, k=beam, st=static: search(model, src, k, MAX_LEN_A, MAX_LEN_B, st), batches,
-                           device, warm)
+        try:
+            secs, outs = timed(lambda src, k=beam, st=static: search(model, src, k, MAX_LEN_A, MAX_LEN_B, st),
+                               batches, device, warm)
+        except Exception:  # one failing row (a CUDA-graph capture, an OOM) must not lose the others
+            log.exception("%s %s failed", name, search_label(beam, static, device))
+            continue
         n_tok = sum(len(h) + 1 for batch in outs for h in batch)  # + eos
         rows.append(row(name, arch, search_label(beam, static, device), "eos or 1.2*src+10", len(flat), n_tok, secs,
                         bleu=bleu(outs)))
@@ -187,8 +191,12 @@ def comparison_rows(arch: str, cfg: TransformerConfig, tokenizer: Tokenizer, sen
     for beam, static in [(b, st) for b in args.beams for st in args.static]:
         label = search_label(beam, static, device)
         jobs, warm = list(zip(srcs, caps)), (srcs[0][:8], 4)  # warm-up: a few rows, a few steps
-        secs, outs = timed(lambda job, k=beam, st=static: search(ours, job[0], k, 0.0, job[1], st), jobs, device,
-                           warm)
+        try:
+            secs, outs = timed(lambda job, k=beam, st=static: search(ours, job[0], k, 0.0, job[1], st), jobs, device,
+                               warm)
+        except Exception:  # one failing row (a CUDA-graph capture, an OOM) must not lose the others
+            log.exception("ours %s %s failed", arch, label)
+            continue
         short = sum(len(h) < L for batch, L in zip(outs, caps) for h in batch)
         if short:
             log.warning("ours %s %s: %d hypotheses ended before L (eos chosen); tokens/s overstates it", arch, label,
