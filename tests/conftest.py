@@ -4,6 +4,7 @@ of each architecture trained by the real CLI."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -18,6 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
 MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package), for in-process `main(argv) -> exit code`."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_pairs(split: str, n: int) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ skip counted in the log.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from unittest import mock
 import lightning as L
 import pytest
 import torch
-from conftest import read_pairs
+from conftest import load_script, read_pairs
 
 from translator.cli import main
 from translator.data import TranslationDataModule
@@ -94,10 +93,7 @@ def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def translate_script():
-    spec = importlib.util.spec_from_file_location("translate_script", REPO / "scripts" / "translate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("translate")
 
 
 class Evil:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import importlib.util
 import io
 import itertools
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 from sacrebleu.significance import PairedTest, _compute_p_value
 
 from translator import checkpoint
@@ -93,11 +93,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def script():
-    """scripts/compare.py as a module, for in-process `main(argv) -> exit code`."""
-    spec = importlib.util.spec_from_file_location("compare_script", REPO / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare")
 
 
 def data_dir(runs: dict[str, Path]) -> Path:

@@ -10,7 +10,6 @@ each).
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import logging
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODULES
+from conftest import MODULES, load_script
 
 from translator import checkpoint
 from translator.translate import attention_map, recompute_attention, token_batches, translate
@@ -47,11 +46,7 @@ def loaded(checkpoints):
 
 @pytest.fixture(scope="session")
 def script():
-    """scripts/translate.py as a module, for in-process `main(argv) -> exit code`."""
-    spec = importlib.util.spec_from_file_location("translate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("translate")
 
 
 def run_script(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:

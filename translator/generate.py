@@ -183,7 +183,7 @@ def beam_search(
         max_len = max_lengths(src, pad, max_len_a, max_len_b).to(device)  # (B,)
         cap = int(max_len.max()) if B else 0
         step = partial(_beam_step, K=K, eos=model.config.eos_id, alpha=length_penalty, penalty=penalty,
-                       early_stopping=early_stopping)
+                       early_stopping=early_stopping, ranks=torch.arange(2 * K, device=device))
 
         # finished hypotheses, kept as the K best per sentence (sorted), -inf where empty
         fin_scores = torch.full((B, K), -math.inf, device=device)  # (B, K)
@@ -235,14 +235,15 @@ def beam_search(
 
 def _beam_step(
     lprobs: Tensor, scores: Tensor, tokens: Tensor, fin: tuple[Tensor, Tensor, Tensor], t: int | Tensor,
-    max_len: Tensor, K: int, eos: int, alpha: float, penalty: Penalty, early_stopping: bool,
+    max_len: Tensor, K: int, eos: int, alpha: float, penalty: Penalty, early_stopping: bool, ranks: Tensor,
     frozen: Tensor | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor, Tensor, Tensor]:
     """One step of beam search for A sentences, without side effects.
 
     lprobs (A*K, V) next-token log-probs; scores (A, K) summed log-probs of the live beams; tokens (A*K, cap+1)
     generated so far (pad from column t on); fin = the K best finished (scores (A, K), tokens (A, K, cap), lengths
-    (A, K)); t tokens generated so far (int, or a () tensor in the static search); max_len (A,); frozen (A,) bool:
+    (A, K)); t tokens generated so far (int, or a () tensor in the static search); max_len (A,); ranks = arange(2K),
+    made once per search; frozen (A,) bool:
     sentences already done, whose finished hypotheses must not change (static search only).
     Returns (fin, next_beam, next_tok, next_scores, done): the live beams' parents, tokens and scores (A, K) each,
     and done (A,).
@@ -271,7 +272,6 @@ def _beam_step(
         fin_tokens, fin_lens = all_tokens[rows, best], all_lens[rows, best]
 
     # live beams: the K best non-eos candidates (eos ranks sort after every non-eos rank)
-    ranks = torch.arange(2 * K, device=lprobs.device)  # (2K,)
     _, pick = torch.topk(is_eos * 2 * K + ranks, K, dim=1, largest=False)  # (A, K)
     next_beam, next_tok, next_scores = cand_beam.gather(1, pick), cand_tok.gather(1, pick), cand_scores.gather(1, pick)
 
