@@ -43,6 +43,10 @@ class TransformerConfig:
     norm_first: bool = True  # pre-LN (False: the original post-LN)
     bias: bool = True
     tie_embeddings: bool = True  # source embedding = target embedding = output projection
+    # initialisation: None = Xavier-uniform linear layers and N(0, d^-1/2) embeddings (unit scale after the sqrt(d)
+    # factor); a number = N(0, init_std) for every linear and embedding weight (BART/Marian: 0.02)
+    init_std: float | None = None
+    scale_embeddings: bool = True  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
     pad_id: int = PAD_ID
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID

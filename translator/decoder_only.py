@@ -40,10 +40,10 @@ class DecoderOnlyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.d_model)
+        init_weights(self, cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.emb_scale = math.sqrt(cfg.d_model)
+        self.emb_scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
 
     @property
     def start_id(self) -> int:

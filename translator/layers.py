@@ -346,15 +346,19 @@ class DecodeState:
             self.static_keys = self.static_keys.index_select(0, index)
 
 
-def init_weights(module: nn.Module, d_model: int) -> None:
-    """Xavier for linear layers, N(0, d^-1/2) for embeddings (they are scaled by sqrt(d) on the way in)."""
+def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
+    """`cfg.init_std` None: Xavier-uniform linear layers and N(0, d^-1/2) embeddings (unit variance once scaled by
+    sqrt(d)); a number: N(0, init_std) for both (BART/Marian). Biases and the padding row start at zero."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            if cfg.init_std is None:
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=cfg.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=d_model**-0.5)
+            nn.init.normal_(m.weight, std=cfg.d_model**-0.5 if cfg.init_std is None else cfg.init_std)
             if m.padding_idx is not None:
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()

@@ -85,6 +85,8 @@ class TranslationModule(L.LightningModule):
         activation: str | None = None,
         norm_first: bool | None = None,
         tie_embeddings: bool | None = None,
+        init_std: float | None = None,
+        scale_embeddings: bool | None = None,
         lr: float = 1e-3,
         warmup_steps: int = 1000,
         schedule: str = "inverse_sqrt",
@@ -115,6 +117,8 @@ class TranslationModule(L.LightningModule):
             activation=activation,
             norm_first=norm_first,
             tie_embeddings=tie_embeddings,
+            init_std=init_std,
+            scale_embeddings=scale_embeddings,
             **model_overrides,
         )
         self.model = self.model_class(self.config)
