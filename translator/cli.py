@@ -110,8 +110,8 @@ class TranslatorCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_ckpt_matches()
         self.trainer.callbacks.append(TranslationWriter(self.config.predict.predict_output))
-        # predict logs nothing, and a configured logger would rewrite the training run's logs (the CSVLogger empties
-        # its directory's metrics.csv)
+        # predict logs nothing, and a configured logger would write into the training run's log directory (Lightning's
+        # CSVLogger would even empty its metrics.csv)
         self.trainer.logger = None
 
     def _check_ckpt_matches(self) -> None:
