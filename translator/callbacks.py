@@ -10,6 +10,9 @@ writes ``translator predict``'s output.
 * ``ResumableCSVLogger`` (the configs' logger) and ``ContinueLog`` keep ``metrics.csv`` one curve across a resume:
   Lightning's CSVLogger deletes the file when its directory is reused and writes rows only every 100 steps.
 
+* ``TimeBoundProgressBar`` (put in place of Lightning's bar by ``translator fit`` when ``max_time`` is set) shows
+  the end that the time limit sets rather than ``max_steps``'.
+
 * ``TranslationWriter`` (added by ``translator predict``, not by the configs) writes the translations of every rank to
   one file, in input order.
 
@@ -26,13 +29,14 @@ import logging
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, ProgressBar, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -302,6 +306,41 @@ class ContinueLog(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
                 logger.keep_rows_before(trainer.global_step)
+
+
+# ---- progress ----------------------------------------------------------------------------------------------------
+class TimeBoundProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar for a run that ``max_time`` may end first: the training bar's total (and so its ETA) is the
+    steps done plus those the time left allows at the rate measured since training started (validation included),
+    capped by ``max_steps``; without ``max_time``, Lightning's bar as is. The quickstart (``max_steps`` 100000,
+    ``max_time`` 14 min) showed n/100000 and a 16-hour ETA."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = (time.monotonic(), trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._cap = self.train_progress_bar.total  # Lightning's: max_steps - global_step (None: no limit)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        remaining = timer.time_remaining() if timer is not None else None
+        (t0, step0), steps = self._start, trainer.global_step - self._start[1]
+        if remaining is not None and steps > 0:
+            total = batch_idx + 1 + round(max(remaining, 0.0) * steps / (time.monotonic() - t0))
+            self.train_progress_bar.total = total if self._cap is None else min(total, self._cap)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @classmethod
+    def replace_default(cls, trainer: L.Trainer) -> None:
+        """Put this bar in place of Lightning's default one (TQDM, or Rich where installed) when ``max_time`` is set;
+        a bar of another class in the configured callbacks is left alone."""
+        timed = any(isinstance(cb, Timer) and cb.time_remaining() is not None for cb in trainer.callbacks)
+        for i, cb in enumerate(trainer.callbacks):
+            if timed and isinstance(cb, ProgressBar) and type(cb).__module__.startswith("lightning.pytorch.callbacks"):
+                trainer.callbacks[i] = cls(refresh_rate=cb.refresh_rate)
 
 
 # ---- prediction output -----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
-from translator.callbacks import TranslationWriter
+from translator.callbacks import TimeBoundProgressBar, TranslationWriter
 from translator.data import TranslationDataModule
 from translator.module import TranslationModule
 from translator.tokenizer import Tokenizer
@@ -100,6 +100,7 @@ class TranslatorCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_ckpt_matches()
+        TimeBoundProgressBar.replace_default(self.trainer)  # --trainer.max_time: the bar shows the real end
 
     def before_validate(self) -> None:
         self._check_ckpt_matches()
