@@ -147,6 +147,21 @@ def test_bad_data_is_one_line_naming_file_and_line(make, files, pairs, tmp_path,
     assert line.startswith("translator: error:") and all(s in line for s in expected), line
 
 
+@pytest.mark.parametrize("make", [mismatched_line_counts, invalid_utf8, json_without_a_key])
+def test_bad_data_found_while_training_the_tokenizer_is_a_data_error(make, files, pairs, tmp_path, capsys, monkeypatch):
+    """No --data.tokenizer: prepare_data trains one on the train split, and the data's own error comes out, as one line,
+    not wrapped in SentencePiece's "training failed ... INTERNAL ... At: data.py(...)"."""
+    root, expected = make(tmp_path / "data", pairs)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*cli_args("fit", root, files["tokenizer"]), "--data.tokenizer", "null"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    message = err[err.index("translator: error:") :]
+    assert message.count("\n") == 1 and all(s in message for s in expected), message  # one line, the data's own
+    assert "SentencePiece" not in message and not (tmp_path / "checkpoints" / "tokenizers").exists()
+
+
 def test_missing_data_directory(files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = fails_cleanly(cli_args("fit", tmp_path / "nowhere", files["tokenizer"]), capsys)

@@ -10,11 +10,14 @@ import logging
 import random
 import runpy
 import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -231,6 +234,75 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(tmp_path: Path, tokenizer:
     assert len(every) == len(set(every)) == len(pairs)  # disjoint and covering
     assert set(every) == {d for d, _ in pairs}
     assert sorted(len(p) for p in per_worker) == [201, 202]  # 403 pairs: uneven ranks
+
+
+def _write_hub_files(root: Path, pairs: Pairs, n_files: int) -> list[Path]:
+    """Hub-style JSON-lines shards ``train-0000k-of-0000n.jsonl``: ``load_pairs`` opens the directory with
+    ``datasets.load_dataset(dir, split=..., streaming=True)``, as it does a hub id. Pair i goes to file i // size."""
+    root.mkdir(parents=True, exist_ok=True)
+    size = -(-len(pairs) // n_files)
+    files = [root / f"train-{k:05d}-of-{n_files:05d}.jsonl" for k in range(n_files)]
+    for k, file in enumerate(files):
+        rows = pairs[k * size : (k + 1) * size]
+        file.write_text("".join(json.dumps({"translation": {"de": d, "en": e}}) + "\n" for d, e in rows))
+    return files
+
+
+def test_multi_file_hub_dataset_gives_each_reader_whole_files(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    pairs = numbered(raw_pairs("val", 403))
+    files = _write_hub_files(tmp_path / "hub", pairs, 4)
+    file_of = {d: i * 4 // len(pairs) for i, (d, _) in enumerate(pairs)}  # 101 pairs per file
+    stream = load_pairs(tmp_path / "hub", "train")
+    assert stream.kind == "hub" and stream.streams[0].num_shards == 4
+
+    # 2 ranks x 2 DataLoader workers, through the real loader: every pair exactly once, each rank two whole files
+    per_rank = []
+    for rank in range(2):
+        batches = TokenBatches(stream, tokenizer, 1024, rank=rank, world_size=2)
+        loader = DataLoader(batches, batch_size=None, num_workers=2)
+        per_rank.append([t for b in loader for t in b["src_text"]])
+    every = [t for texts in per_rank for t in texts]
+    assert sorted(every) == sorted(d for d, _ in pairs)
+    for texts in per_rank:
+        owned = {file_of[t] for t in texts}
+        assert len(owned) == 2 and len(texts) == sum(file_of[d] in owned for d, _ in pairs)
+
+    # each reader opens only its own file (an audit hook sees every open() of this process; it cannot be removed,
+    # so it records only this test's files)
+    opened: list[str] = []
+    sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and str(args[0]).startswith(
+        str(tmp_path / "hub")) else None)
+    for k in range(4):
+        opened.clear()
+        assert {file_of[d] for d, _ in stream.shard(k, 4)} == {k}
+        assert opened == [str(files[k])]
+
+    # training passes read the files in a shuffled order, interleaved: the same order for every shard (a partition)
+    # and a pass starts with pairs from every file, not with the whole of file 0 (files stored in domain order)
+    shuffled = [list(stream.shard(k, 2, file_seed=(0, 1))) for k in range(2)]
+    assert sorted(p for shard in shuffled for p in shard) == sorted(pairs)
+    assert shuffled[0] == list(stream.shard(0, 2, file_seed=(0, 1)))  # deterministic: exact resume re-reads it
+    alone = list(stream.shard(0, 1, file_seed=(0, 1)))
+    assert {file_of[d] for d, _ in alone[:20]} == {0, 1, 2, 3}
+
+    # fallback, more readers than files: every reader reads the stream and keeps pairs k, k + 8, ...
+    fallback = [list(stream.shard(k, 8)) for k in range(8)]
+    assert sorted(sum(fallback, [])) == sorted(pairs)
+    assert fallback[3] == pairs[3::8]
+    assert sorted(p for k in range(8) for p in stream.shard(k, 8, file_seed=(0, 1))) == sorted(pairs)
+
+
+def test_parquet_hub_dataset_is_split_by_row_group(tmp_path: Path) -> None:
+    pairs = numbered(raw_pairs("val", 80))
+    (tmp_path / "hub").mkdir()
+    for k in range(2):  # the hub's layout: a few Parquet files, each of several row groups (here 4 of 10 pairs)
+        rows = [{"de": d, "en": e} for d, e in pairs[k * 40 : (k + 1) * 40]]
+        pq.write_table(pa.table({"translation": rows}), tmp_path / "hub" / f"train-{k:05d}-of-00002.parquet", 10)
+    stream = load_pairs(tmp_path / "hub", "train")
+    assert stream.streams[0].num_shards == 8  # row groups
+    shards = [list(stream.shard(k, 8)) for k in range(8)]
+    assert sorted(p for shard in shards for p in shard) == sorted(pairs)
+    assert all(shard in [pairs[i : i + 10] for i in range(0, 80, 10)] for shard in shards)  # whole row groups
 
 
 class _Recorder(L.LightningModule):

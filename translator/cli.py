@@ -33,7 +33,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
-from translator.callbacks import TranslationWriter
+from translator.callbacks import TimeBoundProgressBar, TranslationWriter
 from translator.data import TranslationDataModule
 from translator.module import TranslationModule
 from translator.tokenizer import Tokenizer
@@ -100,6 +100,7 @@ class TranslatorCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_ckpt_matches()
+        TimeBoundProgressBar.replace_default(self.trainer)  # --trainer.max_time: the bar shows the real end
 
     def before_validate(self) -> None:
         self._check_ckpt_matches()
@@ -110,8 +111,8 @@ class TranslatorCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_ckpt_matches()
         self.trainer.callbacks.append(TranslationWriter(self.config.predict.predict_output))
-        # predict logs nothing, and a configured logger would rewrite the training run's logs (the CSVLogger empties
-        # its directory's metrics.csv)
+        # predict logs nothing, and a configured logger would write into the training run's log directory (Lightning's
+        # CSVLogger would even empty its metrics.csv)
         self.trainer.logger = None
 
     def _check_ckpt_matches(self) -> None:

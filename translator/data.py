@@ -4,7 +4,9 @@ Pipeline (one pass over a split)::
 
     load_pairs(path, split)      PairStream of (src, tgt) str pairs, read through `datasets` (streaming=True),
                                  validated (file:line errors), surrounding whitespace stripped, empty pairs skipped
-      .shard(k, n)               pair i goes to shard i % n, with k = rank * workers + worker and n = world * workers
+      .shard(k, n)               k = rank * workers + worker of n = world * workers: whole files each (a hub dataset of
+                                 n or more files or Parquet row groups), else pair i to shard i % n; train passes read
+                                 a hub dataset's files in a shuffled order, interleaved
     TokenBatches                 per shard: fill a buffer of pairs, tokenize, drop pairs over max_len, sort by length,
                                  cut into batches of at most max_tokens padded tokens, shuffle the batch order (train)
     ResumableDataLoader          batch_size=None over TokenBatches; counts batches so that a run resumes exactly
@@ -59,13 +61,15 @@ import os
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
+import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, interleave
@@ -105,13 +109,33 @@ class PairStream:
             return (line for _, line in _lines(self.streams[0], self.files[0]))
         return (src for src, _ in self._raw())
 
-    def shard(self, index: int, num_shards: int, limit: int | None = None) -> Iterator[tuple[str, str]]:
-        """Pairs ``index, index + num_shards, ...`` of the first ``limit`` usable pairs (all when None).
+    def shard(
+        self, index: int, num_shards: int, limit: int | None = None, file_seed: Sequence[int] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """Shard ``index`` of ``num_shards`` disjoint shards that together cover the first ``limit`` usable pairs (all
+        when None).
 
-        Every shard reads the whole stream and keeps its own pairs, so shards are disjoint and cover the stream
-        whatever the number of files; reading is cheap next to tokenizing, which only the owner does.
+        A hub dataset of at least ``num_shards`` files (``IterableDataset.num_shards``), read whole (``limit`` None),
+        is split by file: each shard opens only its own files (``datasets.distributed.split_dataset_by_node``, whose
+        nested node-then-worker split is this same ``index = rank * workers + worker``). Otherwise every shard reads
+        the whole stream and keeps pairs ``index, index + num_shards, ...``.
+
+        ``file_seed`` (training) shuffles the order of a hub dataset's files and interleaves ten at a time
+        (``IterableDataset.shuffle`` with a buffer of 1: TokenBatches shuffles the pairs): a corpus stored in domain
+        order would otherwise reach the model one domain at a time, and a buffer holds only a sliver of it. Every
+        shard draws the same order, so the shards stay a partition.
         """
-        pairs = self._usable(log_skips=index == 0)
+        stream = self
+        if self.kind == "hub":
+            ds = self.streams[0]
+            if file_seed is not None:
+                ds = ds.shuffle(generator=np.random.default_rng(list(file_seed)), buffer_size=1)
+            if num_shards > 1 and limit is None and ds.num_shards >= num_shards:
+                ds = split_dataset_by_node(ds, rank=index, world_size=num_shards, strategy="shards")
+                where = f"{self.where} (files of shard {index}/{num_shards})"
+                return replace(self, streams=(ds,), where=where)._usable(log_skips=index == 0)
+            stream = replace(self, streams=(ds,))
+        pairs = stream._usable(log_skips=index == 0)
         return itertools.islice(itertools.islice(pairs, limit), index, None, num_shards)
 
     def _usable(self, log_skips: bool) -> Iterator[tuple[str, str]]:
@@ -238,6 +262,10 @@ def _hub_stream(
     except Exception as err:  # noqa: BLE001 -- hub, network and config errors come as many types
         local = f"looked for {', '.join(looked_for)} in {path}; " if looked_for else ""
         raise FileNotFoundError(f"cannot open {where}: {local}datasets.load_dataset said: {err}") from None
+    try:  # Parquet (the hub's format): one shard per row group, not per file, so that WMT14's few files can still
+        ds = ds.reshard()  # give 64 readers whole shards of their own (PairStream.shard); a no-op for other formats
+    except NotImplementedError:
+        pass
     return PairStream("hub", (ds,), (), where, src_lang, tgt_lang)
 
 
@@ -388,7 +416,9 @@ def collate(examples: Sequence[Example], pad_to_multiple: int = 1) -> Batch:
 class TokenBatches(IterableDataset):
     """Token-budget batches of this process's shard of a PairStream, split further across DataLoader workers.
 
-    Shard of worker w on rank r: pairs i with ``i % (world_size * workers) == r * workers + w``. Per shard, buffers of
+    Worker w on rank r reads shard ``r * workers + w`` of ``world_size * workers`` (``PairStream.shard``: whole files of
+    a hub dataset that has enough of them, else pairs i with ``i % (world_size * workers) == r * workers + w``; with
+    ``shuffle``, a hub dataset's files are read in an order drawn from (seed, pass)). Per shard, buffers of
     ``buffer_size`` pairs are tokenized, pairs over ``max_len`` tokens dropped, sorted by (padded src length, tgt
     length) and cut by ``token_budget_batches``. With ``shuffle`` the buffer is shuffled before the (stable) sort, so
     equal-length pairs meet different partners each pass, and the batch order is shuffled; the generator is seeded
@@ -433,7 +463,8 @@ class TokenBatches(IterableDataset):
         for p in itertools.count() if self.passes is None else range(self.passes):
             rng = random.Random(f"{self.seed}/{p}/{shard}")  # str seeds hash with sha512: same in every process
             produced = 0
-            for examples in self._pass(shard, num_shards, rng, log_drops=p == 0):
+            file_seed = (self.seed, p) if self.shuffle else None  # the same on every shard: see PairStream.shard
+            for examples in self._pass(shard, num_shards, rng, log_drops=p == 0, file_seed=file_seed):
                 produced += 1
                 if to_skip:
                     to_skip -= 1
@@ -445,8 +476,10 @@ class TokenBatches(IterableDataset):
                     f"pairs; the split is too small for {self.world_size} rank(s) x {workers} worker(s)"
                 )
 
-    def _pass(self, shard: int, num_shards: int, rng: random.Random, log_drops: bool) -> Iterator[list[Example]]:
-        pairs = self.pairs.shard(shard, num_shards, self.limit_pairs)
+    def _pass(
+        self, shard: int, num_shards: int, rng: random.Random, log_drops: bool, file_seed: tuple[int, int] | None
+    ) -> Iterator[list[Example]]:
+        pairs = self.pairs.shard(shard, num_shards, self.limit_pairs, file_seed)
         seen = dropped = 0
         while chunk := list(itertools.islice(pairs, self.buffer_size)):
             src_ids = self.tokenizer.encode([src for src, _ in chunk])

@@ -53,11 +53,25 @@ class Tokenizer:
         max_sentences: int = 2_000_000,
         character_coverage: float = 1.0,
     ) -> Tokenizer:
-        """Train a joint model on an iterable of sentences (German and English interleaved)."""
+        """Train a joint model on an iterable of sentences (German and English interleaved).
+
+        An error raised while reading ``sentences`` (bad data: ``translator.data`` names the file and line) is re-raised
+        as itself: SentencePiece reads every sentence before it trains, and would report it as its own failure, with
+        the Python traceback folded into the message.
+        """
+        read_error: list[Exception] = []
+
+        def read() -> Iterator[str]:
+            try:
+                yield from sentences
+            except Exception as err:
+                read_error.append(err)
+                raise
+
         proto = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
+                sentence_iterator=read(),
                 model_writer=proto,
                 vocab_size=vocab_size,
                 model_type=model_type,
@@ -76,6 +90,8 @@ class Tokenizer:
                 minloglevel=2,
             )
         except RuntimeError as err:
+            if read_error:
+                raise read_error[0] from None
             raise ValueError(f"SentencePiece training failed (vocab_size={vocab_size}): {err}") from None
         return cls(proto.getvalue())
 
