@@ -229,6 +229,7 @@ def test_reference_line_count_must_match(script, checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["--checkpoint", "x.ckpt", "--beam", "2", "--nbest", "3", "a"],
     ["--checkpoint", "x.ckpt", "--beam", "0", "a"],
+    ["--checkpoint", "x.ckpt", "--min-len", "-1", "a"],
     ["--checkpoint", "x.ckpt", "--device", "tpu", "a"],
     ["--checkpoint", "x.ckpt", "--input", "f.de", "a"],
     ["a"],
