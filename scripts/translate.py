@@ -93,13 +93,10 @@ def read_lines(path: str | None) -> list[str]:
     return text
 
 
-def one_line(text: str) -> str:
-    """Whitespace runs (tabs, newlines) as one space: a translation never breaks the line or TSV structure."""
-    return " ".join(text.split())
-
-
 def format_output(results: list, nbest: int | None) -> str:
     """One translation per line, or with nbest the TSV rows `line_no, rank, score, translation` (1-based)."""
+    from translator.translate import one_line  # loaded with the model code, after the arguments are checked
+
     if nbest is None:
         return "".join(one_line(hyps[0].text) + "\n" for hyps in results)
     return "".join(

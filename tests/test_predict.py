@@ -23,7 +23,7 @@ from translator.cli import main
 from translator.data import SourceBatches, load_sources
 from translator.module import TranslationModule
 from translator.tokenizer import Tokenizer, interleave
-from translator.translate import translate
+from translator.translate import one_line, translate
 
 pytestmark = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"Multi30k not found at {MULTI30K}")
 
@@ -62,7 +62,7 @@ def expected(checkpoints) -> dict[str, str]:
         model, tokenizer, _ = checkpoint.load(path)
         results = translate(model, tokenizer, source_lines(), beam=BEAM, batch_tokens=MAX_TOKENS,
                             max_input_tokens=MAX_LEN)
-        out[arch] = "".join(f"{hyps[0].text}\n" for hyps in results)
+        out[arch] = "".join(f"{one_line(hyps[0].text)}\n" for hyps in results)
     return out
 
 

@@ -173,6 +173,19 @@ def test_script_sentences_as_arguments(checkpoints):
     assert static.returncode == 0 and static.stdout == proc.stdout, static.stderr.decode()
 
 
+def test_script_and_predict_writer_clean_a_hypothesis_alike(script, tmp_path):
+    """scripts/translate.py and `translator predict`'s writer turn the same hypothesis into the same line."""
+    from translator.callbacks import TranslationWriter
+    from translator.translate import Translation
+
+    texts = [" A dog\truns\n through  snow.\r\n", "two\u2028lines\x0bor a\x0cpage ", "\t \n"]
+    writer = TranslationWriter(tmp_path / "out.en")
+    writer.write(texts)
+    written = (tmp_path / "out.en").read_bytes().decode("utf-8")
+    assert written == script.format_output([[Translation([], 0.0, t)] for t in texts], None)
+    assert written == "A dog runs through snow.\ntwo lines or a page\n\n"
+
+
 def test_script_missing_checkpoint_exits_2_without_traceback(tmp_path):
     missing = tmp_path / "nope.ckpt"
     proc = run_script("--checkpoint", str(missing), "Ein Hund.")

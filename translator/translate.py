@@ -44,6 +44,13 @@ class Translation(Hypothesis):
     text: str = ""
 
 
+def one_line(text: str) -> str:
+    """A translation as one output line: each whitespace run (tabs, newlines, Unicode line separators) becomes one
+    space, and the ends are stripped, so the output keeps one line per input line and its TSV columns. Used by
+    `scripts/translate.py` and by `translator predict`'s writer alike."""
+    return " ".join(text.split())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a ValueError, not a late crash."""
     if name == "auto":
