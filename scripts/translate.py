@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
     parser.add_argument("--nbest", type=int, help="write the N best per line as TSV: line_no, rank, score, text")
     parser.add_argument("--length-penalty", type=float, default=1.0, help="GNMT length penalty alpha")
+    parser.add_argument("--min-len", type=int, default=1,
+                        help="tokens before the end of a translation may come (0: a translation may be empty)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded source tokens per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--input", help="one sentence per line, plain or gzip (default: stdin)")
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("beam", "batch_tokens", "max_input_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.min_len < 0:
+        parser.error(f"--min-len must be >= 0, got {args.min_len}")
     if args.nbest is not None and not 1 <= args.nbest <= args.beam:
         parser.error(f"--nbest must be between 1 and --beam ({args.beam}), got {args.nbest}")
     if args.sentences and args.input:
@@ -89,13 +93,10 @@ def read_lines(path: str | None) -> list[str]:
     return text
 
 
-def one_line(text: str) -> str:
-    """Whitespace runs (tabs, newlines) as one space: a translation never breaks the line or TSV structure."""
-    return " ".join(text.split())
-
-
 def format_output(results: list, nbest: int | None) -> str:
     """One translation per line, or with nbest the TSV rows `line_no, rank, score, translation` (1-based)."""
+    from translator.translate import one_line  # loaded with the model code, after the arguments are checked
+
     if nbest is None:
         return "".join(one_line(hyps[0].text) + "\n" for hyps in results)
     return "".join(
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
         results = translate(
             model, tokenizer, sentences, beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty,
-            static=args.static,
+            static=args.static, min_len=args.min_len,
             batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens,
         )
         write_output(format_output(results, args.nbest), args.output)

@@ -272,7 +272,22 @@ def missing(path: Path, files: dict[str, Path]) -> tuple[Path, str]:
     return path, "checkpoint not found"
 
 
-@pytest.mark.parametrize("make", [corrupt, foreign, missing])
+def json_text(path: Path, files: dict[str, Path]) -> tuple[Path, str]:  # read as pickle opcodes, it looked unsafe
+    path.write_text('{"model": {"lr": 0.003}, "steps": 20}\n', encoding="utf-8")
+    return path, "not a PyTorch checkpoint (a text file"
+
+
+def log_text(path: Path, files: dict[str, Path]) -> tuple[Path, str]:  # ... or corrupt ("KeyError: 101")
+    path.write_text("hello: step 20, val/loss 5.1 – done\n", encoding="utf-8")
+    return path, "not a PyTorch checkpoint (a text file"
+
+
+def empty(path: Path, files: dict[str, Path]) -> tuple[Path, str]:
+    path.write_bytes(b"")
+    return path, "not a PyTorch checkpoint: the file is empty"
+
+
+@pytest.mark.parametrize("make", [corrupt, foreign, missing, json_text, log_text, empty])
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_bad_checkpoint_path(make, subcommand, files, tmp_path, capsys, monkeypatch):
     path, expected = make(tmp_path / f"{make.__name__}.ckpt", files)
@@ -301,6 +316,13 @@ def test_malicious_checkpoint_is_refused_by_translate_script(files, tmp_path, tr
     assert translate_script.main(["--checkpoint", str(evil), "Ein Hund."]) == 2
     err = capsys.readouterr().err
     assert str(evil) in err and "refused to load" in err and "Traceback" not in err and not marker.exists()
+
+
+def test_text_file_as_checkpoint_is_named_as_such_by_translate_script(files, tmp_path, translate_script, capsys):
+    path, expected = json_text(tmp_path / "config.ckpt", files)
+    assert translate_script.main(["--checkpoint", str(path), "Ein Hund."]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {expected}" in err and "pickled" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_empty_input_translates_to_empty_output(files, tmp_path, translate_script, capsys):

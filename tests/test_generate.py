@@ -152,7 +152,7 @@ def test_max_length_cuts_off_with_eos_scored():
 
 
 def test_early_stopping_false_searches_on():
-    kw = dict(beam_size=2, nbest=2, length_penalty=1.0, penalty="average", max_len_a=0, max_len_b=3)
+    kw = dict(beam_size=2, nbest=2, length_penalty=1.0, penalty="average", max_len_a=0, max_len_b=3, min_len=0)
     # fairseq early stopping: done once 2 hypotheses finished ([] at step 0, [A] at step 1)
     (hyps,) = beam_search(ScriptedModel(loop), src_of([B]), early_stopping=True, **kw)
     assert_hyps(hyps, [([A], ln(0.9 * 0.1) / 2), ([], ln(0.1))])
@@ -201,9 +201,35 @@ def test_special_tokens_never_generated():
         return {PAD_ID: 0.5, SEP_ID: 0.2, E: 0.3}
 
     assert greedy(ScriptedModel(greedy_for_pad), src_of([A])) == [[A]]
-    (hyps,) = beam_search(ScriptedModel(greedy_for_pad), src_of([A]), beam_size=2, nbest=2, length_penalty=0.0)
+    (hyps,) = beam_search(ScriptedModel(greedy_for_pad), src_of([A]), beam_size=2, nbest=2, length_penalty=0.0,
+                          min_len=0)
     # scores stay the model's own log-probs (no renormalisation over the allowed tokens)
     assert_hyps(hyps, [([], ln(0.1)), ([A], ln(0.15 * 0.3))])
+
+
+def eager(src, prefix):  # eos is the likeliest token at every step
+    return {E: 0.6, A: 0.3, B: 0.1} if len(prefix) < 3 else {E: 1.0}
+
+
+def test_min_len_bans_eos_until_reached():
+    kw = dict(beam_size=2, nbest=2, length_penalty=0.0)
+    # without a minimum, eos wins at step 0: an empty translation
+    assert greedy(ScriptedModel(eager), src_of([A]), min_len=0) == [[]]
+    (hyps,) = beam_search(ScriptedModel(eager), src_of([A]), min_len=0, **kw)
+    assert_hyps(hyps, [([], ln(0.6)), ([A], ln(0.3 * 0.6))])
+    # the default, 1 for a non-empty source: eos cannot come first; scores stay the model's own log-probs
+    assert greedy(ScriptedModel(eager), src_of([A])) == [[A]]
+    (hyps,) = beam_search(ScriptedModel(eager), src_of([A]), **kw)
+    assert_hyps(hyps, [([A], ln(0.3 * 0.6)), ([A, A], ln(0.3 * 0.3 * 0.6))])  # [B, eos] fell out of the beam
+    # min_len=2; and a row whose source is empty may still end at once, in the same batch
+    assert greedy(ScriptedModel(eager), src_of([A], []), min_len=2) == [[A, A], []]
+    hyps = beam_search(ScriptedModel(eager), src_of([A], []), min_len=2, **kw)
+    assert_hyps(hyps[0][:1], [([A, A], ln(0.3 * 0.3 * 0.6))])
+    assert_hyps(hyps[1], [([], ln(0.6)), ([A], ln(0.3 * 0.6))])
+    # the max length wins over the minimum: int(0 * 1 + 1) = 1 token, then eos
+    assert greedy(ScriptedModel(eager), src_of([A]), max_len_a=0, max_len_b=1, min_len=5) == [[A]]
+    with pytest.raises(ValueError, match="min_len"):
+        greedy(ScriptedModel(eager), src_of([A]), min_len=-1)
 
 
 def test_bf16_logits_are_searched_in_float32():
@@ -313,6 +339,25 @@ def test_real_static_equals_dynamic(real, kw):
         assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
     if kw["beam_size"] == 1:
         assert greedy(model, src, static=True) == greedy(model, src)
+
+
+def test_real_min_len_static_equals_dynamic(real):
+    """With eos the likeliest first token, min_len keeps every hypothesis at least that long, the same in both
+    searches."""
+    model, src = real
+    with torch.no_grad():  # a feature that is large at every position and points to eos
+        (model.dec_norm if hasattr(model, "dec_norm") else model.norm).bias[0] += 4.0
+        model.lm_head.weight[EOS_ID, 0] += 3.0
+    kw = dict(beam_size=3, nbest=3, max_len_a=1.0, max_len_b=4)
+    assert any(h.tokens == [] for hs in beam_search(model, src, min_len=0, **kw) for h in hs)  # eos can win at once
+    assert [] in greedy(model, src, min_len=0)
+    dynamic, static = beam_search(model, src, min_len=3, **kw), beam_search(model, src, static=True, min_len=3, **kw)
+    assert all(len(h.tokens) >= 3 for hs in dynamic for h in hs)
+    for got, want in zip(static, dynamic):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    assert greedy(model, src, static=True, min_len=3) == greedy(model, src, min_len=3)
+    assert all(len(tokens) >= 3 for tokens in greedy(model, src, min_len=3))
 
 
 def test_static_step_keeps_shapes_and_addresses(real):

@@ -6,10 +6,15 @@ the functions under test.
 
 from __future__ import annotations
 
+import csv
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import ENV, REPO, read_pairs
 
 from translator.config import Seq2SeqConfig
 from translator.layers import (
@@ -17,9 +22,9 @@ from translator.layers import (
     KVCache,
     Positions,
     apply_rope,
-    build_rope_cache,
     causal_mask,
-    sinusoidal_table,
+    rope_cos_sin,
+    sinusoidal,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,7 +40,7 @@ def test_sinusoidal_matches_paper_formula():
             angle = p / 10000 ** (2 * i / d)
             expected[p, 2 * i] = math.sin(angle)
             expected[p, 2 * i + 1] = math.cos(angle)
-    torch.testing.assert_close(sinusoidal_table(n, d).double(), expected, rtol=0, atol=1e-6)  # float32 table
+    torch.testing.assert_close(sinusoidal(torch.arange(n), d), expected, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,9 +68,9 @@ def rope_reference(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) ->
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """apply_rope on x (B, nh, L, hs) at positions pos (L,) via the library's cache."""
-    cos, sin = build_rope_cache(int(pos.max()) + 1, x.size(-1), base)
-    return apply_rope(x, cos[pos].to(x.dtype), sin[pos].to(x.dtype))
+    """apply_rope on x (B, nh, L, hs) at positions pos (L,) via the library's cos/sin."""
+    cos, sin = rope_cos_sin(pos, x.size(-1), base)
+    return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
 @pytest.mark.parametrize("base", [10000.0, 500.0])
@@ -73,8 +78,8 @@ def test_rope_matches_complex_reference(base):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 40, 16, generator=g, dtype=torch.float64)
     pos = torch.arange(40) * 7  # up to 273: angles of a few hundred radians
-    # the cache is float32 (cos/sin rounded to ~6e-8), so agreement is to ~1e-6, not to double precision
-    torch.testing.assert_close(rope(x, pos, base), rope_reference(x, pos, base), rtol=0, atol=1e-5)
+    # angles are computed in float64, so the two agree to double precision even at a few hundred radians
+    torch.testing.assert_close(rope(x, pos, base), rope_reference(x, pos, base), rtol=0, atol=1e-12)
 
 
 def test_rope_score_depends_only_on_relative_distance():
@@ -88,7 +93,7 @@ def test_rope_score_depends_only_on_relative_distance():
     for pq, pk in [(5, 2), (2, 5), (0, 0), (17, 3)]:
         reference = score(pq, pk)
         for shift in [1, 10, 100, 250]:
-            assert score(pq + shift, pk + shift) == pytest.approx(reference, abs=1e-5)  # float32 cos/sin
+            assert score(pq + shift, pk + shift) == pytest.approx(reference, abs=1e-12)  # float64 angles
     # and it does depend on the distance (else the check above is vacuous)
     assert abs(score(5, 2) - score(5, 4)) > 1e-3
 
@@ -99,8 +104,8 @@ def test_rope_appending_tokens_keeps_earlier_rotations():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, cfg.n_heads, 300, cfg.head_dim, generator=g)
     pos = torch.arange(300).expand(2, 300)
-    short = apply_rope(x[:, :, :10], *positions(pos[:, :10], 10))
-    long = apply_rope(x, *positions(pos, 300))  # grows the 256-entry cache on the way
+    short = apply_rope(x[:, :, :10], *positions(pos[:, :10], 10, x.dtype))
+    long = apply_rope(x, *positions(pos, 300, x.dtype))
     assert torch.equal(long[:, :, :10], short)  # bit-identical, not merely close
 
 
@@ -110,41 +115,71 @@ def test_rope_appending_tokens_keeps_earlier_rotations():
 
 
 @pytest.mark.parametrize("kind", ["sinusoidal", "rope"])
-def test_positions_grow_past_initial_cache(kind):
+def test_computed_positions_have_no_state_and_no_length_limit(kind):
+    """Sinusoidal and rotary positions are computed from the ids: no buffer (which DDP would broadcast between ranks
+    of different lengths, see test_ddp_fit_with_a_long_pair_on_one_rank), any position, the same values per id."""
     cfg = Seq2SeqConfig.preset("tiny", vocab_size=50, positions=kind)
     positions = Positions(cfg)
-    initial = (positions.table if kind == "sinusoidal" else positions.cos).size(0)
-    assert initial == 256
-    pos = torch.tensor([[0, 255, 256, 599, 600]])
-    out = positions(pos, 601)
+    assert list(positions.buffers()) == [] and list(positions.parameters()) == []
+    pos = torch.tensor([[0, 255, 256, 5000, 3], [7, 7, 100000, 1, 0]])
+    out = positions(pos, 100001, torch.float32)
+    single = [positions(pos[b : b + 1, i : i + 1], 1, torch.float32) for b in range(2) for i in range(5)]
     if kind == "sinusoidal":
-        assert positions.table.size(0) >= 601
-        fresh = sinusoidal_table(positions.table.size(0), cfg.d_model)
-        assert torch.equal(positions.table, fresh)
-        assert torch.equal(out, fresh[pos])
+        assert out.shape == (2, 5, cfg.d_model)
+        assert torch.equal(out.flatten(0, 1), torch.cat(single).flatten(0, 1))
+        torch.testing.assert_close(out[0, 3, :2], torch.tensor([math.sin(5000), math.cos(5000)]))
     else:
-        assert positions.cos.size(0) >= 601
-        cos, sin = build_rope_cache(positions.cos.size(0), cfg.head_dim, cfg.rope_base)
-        assert torch.equal(positions.cos, cos) and torch.equal(positions.sin, sin)
-        assert torch.equal(out[0], cos[pos].unsqueeze(1)) and torch.equal(out[1], sin[pos].unsqueeze(1))
+        assert out[0].shape == out[1].shape == (2, 1, 5, cfg.head_dim)
+        for k in range(2):
+            assert torch.equal(out[k].flatten(0, 2), torch.cat([s[k] for s in single]).flatten(0, 2))
 
 
 @pytest.mark.parametrize("kind", ["sinusoidal", "rope"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_positions_grow_keeps_dtype(kind, dtype):
-    """A model cast with .double() / .to(bfloat16) must keep its tables in that dtype after they grow (else a bf16
-    model crashes on inputs longer than 256 tokens)."""
-    positions = Positions(Seq2SeqConfig.preset("tiny", vocab_size=50, positions=kind)).to(dtype)
-    positions(torch.tensor([[0, 400]]), 401)
-    for buf in positions.buffers():
-        assert buf.dtype == dtype and buf.size(0) > 400
+def test_positions_come_in_the_requested_dtype(kind, dtype):
+    """In the embeddings' dtype, so that a model cast with .double() / .to(bfloat16) stays in it at any length."""
+    positions = Positions(Seq2SeqConfig.preset("tiny", vocab_size=50, positions=kind))
+    out = positions(torch.tensor([[0, 400]]), 401, dtype)
+    assert all(t.dtype == dtype for t in (out if kind == "rope" else (out,)))
 
 
-def test_learned_positions_refuse_to_grow():
+def test_learned_positions_refuse_ids_past_the_table():
     positions = Positions(Seq2SeqConfig.preset("tiny", vocab_size=50, positions="learned", max_positions=16))
-    assert positions(torch.arange(16)[None], 16).shape == (1, 16, 32)
+    assert positions(torch.arange(16)[None], 16, torch.float32).shape == (1, 16, 32)
     with pytest.raises(ValueError, match="max_positions"):
-        positions(torch.arange(17)[None], 17)
+        positions(torch.arange(17)[None], 17, torch.float32)
+
+
+def test_ddp_fit_with_a_long_pair_on_one_rank(tokenizer, tmp_path: Path):
+    """2-process gloo DDP `translator fit` of the decoder-only model (sinusoidal positions) where rank 0 alone holds a
+    pair of over 256 positions, in training and in validation: sanity-check validation, training, validation,
+    training. With position tables in buffers that grow on demand, rank 0's table outgrew rank 1's (gloo aborts on
+    the size mismatch when DDP broadcasts buffers) and was regrown under inference_mode in validation (the next
+    training step's broadcast into it raises)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sentences = read_pairs("val", 60)
+    long = tuple(" ".join(side for side in sides) for sides in zip(*sentences[:6]))
+    n_long = [len(ids) for ids in tokenizer.encode(list(long))]
+    assert all(n <= 192 for n in n_long) and sum(n_long) + 1 > 256, n_long  # within max_len, past the old table
+    # pair i goes to rank i % 2: pair 0 (the long one) to rank 0
+    for split, pairs in (("train", [long, *sentences[6:46]]), ("val", [long, *sentences[46:54]])):
+        for lang, side in (("de", 0), ("en", 1)):
+            (data / f"{split}.{lang}").write_text("".join(p[side] + "\n" for p in pairs), encoding="utf-8")
+    tokenizer.save(tmp_path / "tokenizer.model")
+    cmd = [sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
+           "--model.class_path", "translator.module.DecoderOnlyModule", "--model.init_args.positions", "sinusoidal",
+           "--data.path", str(data), "--data.tokenizer", str(tmp_path / "tokenizer.model"), "--data.max_len", "192",
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
+           "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+           "--trainer.enable_model_summary", "false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "distributed_backend=gloo" in output and "`max_steps=4` reached" in output
+    with open(tmp_path / "checkpoints" / "debug" / "metrics.csv", encoding="utf-8") as f:
+        val_steps = [int(row["step"]) for row in csv.DictReader(f) if row["val/loss"]]
+    assert val_steps == [1, 3]  # validated after steps 2 and 4 (the column counts from 0), trained in between
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,9 +241,9 @@ def test_self_attention_with_rope_matches_reference():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
     pos = torch.arange(9)
-    cos, sin = build_rope_cache(9, 16)
-    out = attn(x, x, rope=(cos[pos].double()[None, None], sin[pos].double()[None, None]))
-    torch.testing.assert_close(out, reference_attention(attn, x, x, rope_pos=pos), rtol=0, atol=1e-5)  # f32 cache
+    cos, sin = rope_cos_sin(pos, 16)
+    out = attn(x, x, rope=(cos[None, None], sin[None, None]))
+    torch.testing.assert_close(out, reference_attention(attn, x, x, rope_pos=pos), rtol=0, atol=1e-12)
 
 
 def test_cross_attention_cached_equals_uncached():

@@ -3,12 +3,17 @@ summing two instances' `stats` (what the DDP all-reduce does) scores the union o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sacrebleu
 import torch
-from conftest import read_pairs
+from conftest import REPO, read_pairs
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
-from translator.metrics import BLEU, CHRF
+from translator.compare import paired_bootstrap
+from translator.metrics import BLEU, CHRF, SACREBLEU_TESTED, score_from_statistics, sentence_statistics
 
 METRICS = {"bleu": (BLEU, sacrebleu.corpus_bleu), "chrf": (CHRF, sacrebleu.corpus_chrf)}
 
@@ -88,3 +93,55 @@ def test_state_is_exact_counts_and_reset_clears_it(hyps_refs):
 def test_signatures_name_the_default_sacrebleu_settings():
     assert "tok:13a" in BLEU().signature and "smooth:exp" in BLEU().signature
     assert "nc:6" in CHRF().signature and "nw:0" in CHRF().signature
+
+
+# ---- sacreBLEU internals (translator.metrics.sentence_statistics / score_from_statistics, compare.paired_bootstrap) --
+CHANGED = (f"sacrebleu {sacrebleu.__version__} changed an internal that translator.metrics relies on (checked on "
+           f"sacrebleu{SACREBLEU_TESTED}): update translator/metrics.py or pin a tested release")
+
+
+def test_pyproject_pins_the_tested_sacrebleu_releases():
+    pin = re.search(r'"sacrebleu([^"]*)"', (REPO / "pyproject.toml").read_text(encoding="utf-8")).group(1)
+    assert pin == SACREBLEU_TESTED
+    assert Version(sacrebleu.__version__) in SpecifierSet(SACREBLEU_TESTED), CHANGED
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_sacrebleu_statistics_are_per_sentence_counts_that_sum_to_the_corpus_score(name, hyps_refs):
+    """What both functions must keep doing: one row of integer counts per sentence, of one length, whose sum over
+    any subset scores that subset as `corpus_score` does."""
+    hyps, refs = hyps_refs
+    scorer = {"bleu": sacrebleu.BLEU, "chrf": sacrebleu.CHRF}[name]()
+    stats = sentence_statistics(scorer, hyps, refs)
+    assert isinstance(stats, list) and len(stats) == len(hyps), CHANGED
+    assert len({len(row) for row in stats}) == 1, CHANGED
+    assert all(float(x).is_integer() and x >= 0 for row in stats for x in row), CHANGED
+    for subset in (slice(None), slice(0, 7), slice(3, None, 5)):
+        summed = [sum(col) for col in zip(*stats[subset])]
+        expected = scorer.corpus_score(hyps[subset], [refs[subset]]).score
+        assert score_from_statistics(scorer, summed) == pytest.approx(expected, rel=1e-9), CHANGED
+    if name == "bleu":  # the layout: lengths, then 1..4-gram matches, then 1..4-gram totals
+        assert sentence_statistics(scorer, ["a b c d"], ["a b c e"]) == [[4, 4, 3, 2, 1, 0, 4, 3, 2, 1]], CHANGED
+
+
+def test_a_missing_internal_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(sacrebleu.metrics.base.Metric, "_extract_corpus_statistics")
+    with pytest.raises(RuntimeError, match=r"has no BLEU\._extract_corpus_statistics.*pip install 'sacrebleu>=2"):
+        BLEU()
+
+
+def test_paired_bootstrap_checks_that_its_resamples_are_sacrebleus(hyps_refs, monkeypatch):
+    """compare.paired_bootstrap redraws sacreBLEU's resamples (its seed, its index draw) for the intervals of the
+    differences; a release that draws them otherwise must stop it, not give intervals of other resamples."""
+    hyps, refs = hyps_refs
+    other = [h.replace(" a ", " the ") for h in hyps]
+    systems = [("a", hyps), ("b", other)]
+    _, results = paired_bootstrap(refs, systems, n_samples=100)  # the same draw: no error
+    assert results["b"]["BLEU"].delta != 0
+
+    from sacrebleu import significance
+
+    draw = significance._paired_bs_test  # (..., n_samples, n_ar_confidence, seed)
+    monkeypatch.setattr(significance, "_paired_bs_test", lambda *args: draw(*args[:-1], 7))  # another seed
+    with pytest.raises(RuntimeError, match="paired-bootstrap resamples otherwise"):
+        paired_bootstrap(refs, systems, n_samples=100)

@@ -1,6 +1,6 @@
 """`translator.translate` and `scripts/translate.py`, against checkpoints trained by the real CLI.
 
-The session fixture `checkpoints` (conftest.py) runs `translator fit --config configs/debug.yaml` for both
+The session fixture `checkpoints` (conftest.py) runs `translator fit --config configs/debug.yaml` briefly for both
 architectures at once (one thread each, in temporary directories, with the shared test tokenizer); the tests then
 translate with the library in-process, run the script end to end in subprocesses (arguments, stdin, --input/--output,
 n-best TSV, --reference, --attention), and call its `main()` in-process for the error paths (cheaper than a process
@@ -38,6 +38,11 @@ SENTENCES = [
 ]
 
 
+def reads_as_text(line: str) -> bool:
+    """At least two different words: neither empty nor one piece repeated, as a barely trained model writes."""
+    return len(set(line.split())) >= 2
+
+
 # ---- fixtures (`checkpoints`, the two trained models, is in conftest.py) ------------------------------------
 @pytest.fixture(scope="session")
 def loaded(checkpoints):
@@ -69,6 +74,10 @@ def test_translate_keeps_order_count_and_empty_lines(loaded, arch):
     model, tokenizer, _ = loaded[arch]
     results = translate(model, tokenizer, SENTENCES, beam=3, nbest=2)
     assert len(results) == len(SENTENCES)
+    best = [hyps[0].text for s, hyps in zip(SENTENCES, results) if s.strip()]
+    assert all(best) and len(set(best)) == len(best), best  # distinct translations: the equalities below bite
+    if arch == "decoder_only":  # trained to write text (conftest.FIT_ARGS); the 20-step seq2seq writes "A A A ..."
+        assert all(map(reads_as_text, best)), best
     for sentence, hyps in zip(SENTENCES, results):
         if sentence.strip():
             assert 1 <= len(hyps) <= 2
@@ -160,7 +169,7 @@ def test_script_stdin_keeps_the_line_count_decoder_only(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode().split("\n")
     assert out[-1] == "" and len(out) - 1 == len(SENTENCES) + 1
-    assert [o == "" for o, s in zip(out, SENTENCES) if not s.strip()] == [True, True]
+    assert [reads_as_text(o) for o, s in zip(out, SENTENCES)] == [bool(s.strip()) for s in SENTENCES], out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -171,6 +180,19 @@ def test_script_sentences_as_arguments(checkpoints):
     static = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--beam", "1", "--static", "Ein Hund läuft.",
                         "Eine Frau.")
     assert static.returncode == 0 and static.stdout == proc.stdout, static.stderr.decode()
+
+
+def test_script_and_predict_writer_clean_a_hypothesis_alike(script, tmp_path):
+    """scripts/translate.py and `translator predict`'s writer turn the same hypothesis into the same line."""
+    from translator.callbacks import TranslationWriter
+    from translator.translate import Translation
+
+    texts = [" A dog\truns\n through  snow.\r\n", "two\u2028lines\x0bor a\x0cpage ", "\t \n"]
+    writer = TranslationWriter(tmp_path / "out.en")
+    writer.write(texts)
+    written = (tmp_path / "out.en").read_bytes().decode("utf-8")
+    assert written == script.format_output([[Translation([], 0.0, t)] for t in texts], None)
+    assert written == "A dog runs through snow.\ntwo lines or a page\n\n"
 
 
 def test_script_missing_checkpoint_exits_2_without_traceback(tmp_path):
@@ -229,6 +251,7 @@ def test_reference_line_count_must_match(script, checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["--checkpoint", "x.ckpt", "--beam", "2", "--nbest", "3", "a"],
     ["--checkpoint", "x.ckpt", "--beam", "0", "a"],
+    ["--checkpoint", "x.ckpt", "--min-len", "-1", "a"],
     ["--checkpoint", "x.ckpt", "--device", "tpu", "a"],
     ["--checkpoint", "x.ckpt", "--input", "f.de", "a"],
     ["a"],

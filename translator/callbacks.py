@@ -44,6 +44,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_only
 from torch import Tensor
 
+from translator.translate import one_line
+
 log = logging.getLogger(__name__)
 
 RNG_KEY = "rng_states"  # checkpoint key; every value is a tensor, so weights_only=True still loads it
@@ -389,8 +391,7 @@ class TranslationWriter(L.Callback):
             self.write([text for _, text in rows])
 
     def write(self, texts: list[str]) -> None:
-        # one output line per input line, whatever the model emits
-        data = "".join(text.replace("\r", " ").replace("\n", " ") + "\n" for text in texts).encode("utf-8")
+        data = "".join(one_line(text) + "\n" for text in texts).encode("utf-8")  # one line per input line
         try:
             self.output.write_bytes(gzip.compress(data) if self.output.suffix == ".gz" else data)
         except OSError as err:

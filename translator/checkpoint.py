@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_format(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -42,6 +44,24 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not isinstance(ckpt, dict) or "translator" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a translator checkpoint (no 'translator' entry); was it made by another program?")
     return ckpt
+
+
+def _check_format(path: Path) -> None:
+    """torch.save writes a zip archive (a pickle in legacy mode); anything else is refused by name before unpickling,
+    where text would otherwise read as pickle opcodes and fail with a misleading message."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip; pickle protocol >= 2
+        return
+    if not head:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: the file is empty")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # not final: a character cut at byte 512 is fine
+        text = b"\x00" not in head
+    except UnicodeDecodeError:
+        text = False
+    what = "a text file" if text else f"it starts with {head[:8]!r}"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint ({what}; torch.save writes a zip archive)")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict]:

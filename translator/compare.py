@@ -40,11 +40,12 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 import yaml
-from sacrebleu.significance import PairedTest
+from sacrebleu.significance import PairedTest, estimate_ci
 from torch import nn
 
 from translator import checkpoint
 from translator.data import load_pairs
+from translator.metrics import SACREBLEU_TESTED, sacrebleu_internal, score_from_statistics, sentence_statistics
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from translator.translate import pad, resolve_device, token_batches, translate
 
@@ -300,7 +301,7 @@ class Paired:
 
 
 def _resampled_scores(metric, stats: np.ndarray, idxs: np.ndarray) -> np.ndarray:
-    return np.array([metric._compute_score_from_stats(s.sum(0)).score for s in stats[idxs]])
+    return np.array([score_from_statistics(metric, s.sum(0)) for s in stats[idxs]])
 
 
 def paired_bootstrap(references: list[str], systems: list[tuple[str, list[str]]], n_samples: int = 1000
@@ -308,25 +309,35 @@ def paired_bootstrap(references: list[str], systems: list[tuple[str, list[str]]]
     """sacreBLEU's paired bootstrap of BLEU and chrF, every system against `systems[0]`.
 
     Returns ({metric: signature}, {system: {metric: Paired}}), metric in ("BLEU", "chrF"). The seed is sacreBLEU's
-    (`SACREBLEU_SEED`, default 12345; it is in the signature).
+    (`SACREBLEU_SEED`, default 12345; it is in the signature). The draw of the resamples is sacreBLEU's, not a
+    public API: each system's resampled scores are checked against the mean and interval that sacreBLEU reports, so
+    that a release drawing them otherwise stops here instead of giving intervals of other resamples (unless
+    `SACREBLEU_SEED=none`: then no two draws are the same anyway).
     """
     metrics = {"BLEU": sacrebleu.BLEU(), "chrF": sacrebleu.CHRF()}
     test = PairedTest(systems, metrics, [references], test_type="bs", n_samples=n_samples)
     signatures, scores = test()
     ours = dict(zip(test.metrics, metrics))  # sacreBLEU names chrF "chrF2"
     # the index draw of sacrebleu.significance._paired_bs_test, so that our intervals come from its resamples
-    seed = test._seed if test._seed else None
+    seed = sacrebleu_internal(test, "_seed") or None
     N = len(references)
     out: dict[str, dict[str, Paired]] = {name: {} for name, _ in systems}
     for key, metric in test.metrics.items():
         results = scores[key]
-        base_stats = np.array(metric._extract_corpus_statistics(systems[0][1], [references]), dtype="float32")
+        base_stats = np.array(sentence_statistics(metric, systems[0][1], references), dtype="float32")
         base = results[0]
         out[systems[0][0]][ours[key]] = Paired(base.score, base.mean, base.ci)
         for (name, hyps), res in zip(systems[1:], results[1:]):
             idxs = np.random.default_rng(seed).choice(N, size=(test.n_samples, N), replace=True)
-            stats = np.array(metric._extract_corpus_statistics(hyps, [references]), dtype="float32")
-            deltas = _resampled_scores(metric, stats, idxs) - _resampled_scores(metric, base_stats, idxs)
+            stats = np.array(sentence_statistics(metric, hyps, references), dtype="float32")
+            resampled = _resampled_scores(metric, stats, idxs)
+            if seed is not None and not np.allclose(estimate_ci(resampled), (res.mean, res.ci), rtol=1e-9, atol=1e-9):
+                raise RuntimeError(
+                    f"sacrebleu {sacrebleu.__version__} draws its paired-bootstrap resamples otherwise than translator "
+                    f"reproduces them ({key} of {name!r}: mean {resampled.mean()} vs sacreBLEU's {res.mean}); install a "
+                    f"tested release: pip install 'sacrebleu{SACREBLEU_TESTED}'"
+                )
+            deltas = resampled - _resampled_scores(metric, base_stats, idxs)
             ordered = np.sort(deltas)
             lo = len(ordered) // 40  # sacrebleu.significance.estimate_ci's 95% convention
             p = 1.0 if np.array_equal(stats, base_stats) else res.p_value

@@ -37,7 +37,7 @@ class TransformerConfig:
     dropout: float = 0.1
     attn_dropout: float = 0.0
     positions: str = "sinusoidal"  # sinusoidal | learned | rope
-    max_positions: int = 1024  # size of the learned table; sinusoidal/rope tables grow on demand
+    max_positions: int = 1024  # size of the learned table; sinusoidal/rope positions are computed, unlimited
     rope_base: float = 10000.0
     activation: str = "relu"  # relu | gelu | swiglu
     norm_first: bool = True  # pre-LN (False: the original post-LN)

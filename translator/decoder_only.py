@@ -50,11 +50,11 @@ class DecoderOnlyTransformer(nn.Module):
         return self.config.sep_id
 
     def _embed(self, tokens: Tensor, pos: Tensor, segment: int | Tensor, bound: int):
-        """tokens, pos (B, L) -> x (B, L, D) and rope (cos, sin) or None."""
+        """tokens (B, L), pos (B or 1, L) -> x (B, L, D) and rope (cos, sin) or None."""
         x = self.embed(tokens) * self.emb_scale
         if self.segment is not None:
             x = x + (self.segment.weight[segment] if isinstance(segment, int) else self.segment(segment))
-        p = self.positions(pos, bound)
+        p = self.positions(pos, bound, x.dtype)
         if self.positions.rotary:
             return self.drop(x), p
         return self.drop(x + p), None
@@ -83,7 +83,7 @@ class DecoderOnlyTransformer(nn.Module):
         take = torch.where(in_tgt, S + j - n, j).clamp(max=S + T - 1)  # (B, L) index into cat([src, tgt])
         tokens = torch.cat([src, tgt], dim=1).gather(1, take)  # (B, L), the tail past the target is pad
         tokens = tokens.masked_fill(j >= n + T, self.config.pad_id)
-        pos = torch.where(in_tgt, j - n, j) if self.config.rope_restart else j.expand(B, S + T)
+        pos = torch.where(in_tgt, j - n, j) if self.config.rope_restart else j[None]  # (B or 1, L)
         x, rope = self._embed(tokens, pos, in_tgt.long(), S + T)
         if self.config.prefix_mode == "causal":
             mask = None

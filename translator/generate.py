@@ -70,6 +70,14 @@ def max_lengths(src: Tensor, pad_id: int, max_len_a: float, max_len_b: float) ->
     return (max_len_a * src_len + max_len_b).long().clamp_min(0)  # .long() truncates like int()
 
 
+def min_lengths(src: Tensor, pad_id: int, min_len: int, max_len: Tensor) -> Tensor:
+    """Per-sentence minimum of output tokens (eos not counted) before eos may come: ``min_len`` for a non-empty
+    source, 0 for an empty one (its translation may be empty), never above ``max_len`` (B,). Returns (B,) int64."""
+    if min_len < 0:
+        raise ValueError(f"min_len must be >= 0, got {min_len}")
+    return torch.where((src != pad_id).any(1), min_len, 0).minimum(max_len)
+
+
 def _banned_ids(model: DecodeModel) -> list[int]:
     """Ids the search never emits: pad, bos, sep and whatever the model starts decoding with."""
     eos = model.config.eos_id
@@ -77,37 +85,42 @@ def _banned_ids(model: DecodeModel) -> list[int]:
 
 
 def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: Tensor,
-                 force_eos: Tensor) -> Tensor:
+                 force_eos: Tensor, ban_eos: Tensor) -> Tensor:
     """Float32 log-probs of the next token for each row, with banned ids at -inf.
 
     last: (R, 1) previous token per row; banned: (n,) ids, on the device; force_eos: (R,) bool, rows that must end
-    now (max length reached), which keep only eos (scored with the model's own eos log-prob). Returns (R, V).
+    now (max length reached), which keep only eos (scored with the model's own eos log-prob); ban_eos: (R,) bool,
+    rows that may not end yet (min length not reached; never together with force_eos). Returns (R, V).
     """
     logits = model.decode_step(last, state)[:, -1]  # (R, V)
     lprobs = logits.float().log_softmax(-1)  # float32 even for bf16 models
     lprobs.index_fill_(1, banned, -math.inf)
-    not_eos = torch.arange(lprobs.size(-1), device=lprobs.device) != model.config.eos_id  # (V,)
-    return lprobs.masked_fill(force_eos.unsqueeze(1) & not_eos, -math.inf)  # no host sync
+    is_eos = torch.arange(lprobs.size(-1), device=lprobs.device) == model.config.eos_id  # (V,)
+    lprobs = lprobs.masked_fill(force_eos.unsqueeze(1) & ~is_eos, -math.inf)  # no host sync
+    return lprobs.masked_fill(ban_eos.unsqueeze(1) & is_eos, -math.inf)
 
 
 # ---- greedy ----------------------------------------------------------------------------------------------------
 def greedy(
-    model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10, static: bool = False
+    model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10, static: bool = False,
+    min_len: int = 1,
 ) -> list[list[int]]:
     """Greedy decoding. src: (B, S) right-padded source ids. Returns token ids (no bos/eos) per sentence.
 
     A sentence stops at eos or after ``int(a * src_len + b)`` tokens; finished sentences leave the batch, and the
-    loop ends as soon as all have stopped. ``static=True``: the static beam search with one beam (CUDA graphs on a
-    GPU; see ``beam_search``), which finds the same tokens.
+    loop ends as soon as all have stopped. eos cannot come before ``min_len`` tokens (``min_lengths``: an empty
+    source may end at once). ``static=True``: the static beam search with one beam (CUDA graphs on a GPU; see
+    ``beam_search``), which finds the same tokens.
     """
     if static:
-        hyps = beam_search(model, src, 1, max_len_a=max_len_a, max_len_b=max_len_b, static=True)
+        hyps = beam_search(model, src, 1, max_len_a=max_len_a, max_len_b=max_len_b, static=True, min_len=min_len)
         return [h[0].tokens for h in hyps]
     with torch.inference_mode():
         eos = model.config.eos_id
         B, device = src.size(0), src.device
         banned = torch.tensor(_banned_ids(model), device=device)
         max_len = max_lengths(src, model.config.pad_id, max_len_a, max_len_b).to(device)  # (B,)
+        min_len = min_lengths(src, model.config.pad_id, min_len, max_len)  # (B,)
         cap = int(max_len.max()) if B else 0
         out = torch.full((B, cap), model.config.pad_id, dtype=torch.long, device=device)  # (B, cap)
         lengths = max_len.clone()  # (B,) overwritten when eos comes early
@@ -119,7 +132,7 @@ def greedy(
             if active.numel() == 0:
                 break
             force_eos = max_len[active] == t  # (A,)
-            lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A, V)
+            lprobs = _next_lprobs(model, last, state, banned, force_eos, min_len[active] > t)  # (A, V)
             tok = lprobs.argmax(-1).masked_fill(force_eos, eos)  # (A,)
             ended = tok == eos  # (A,)
             if t < cap:
@@ -145,6 +158,7 @@ def beam_search(
     early_stopping: bool = True,
     penalty: Penalty = "gnmt",
     static: bool = False,
+    min_len: int = 1,
 ) -> list[list[Hypothesis]]:
     """Beam search over the model's KV cache. src: (B, S) right-padded source ids.
 
@@ -155,7 +169,8 @@ def beam_search(
     Each step scores ``beam_size * V`` extensions per sentence by raw summed log-prob and keeps the best
     ``2 * beam_size`` (fairseq): eos candidates among the top ``beam_size`` are finished (normalised, then
     merged into the sentence's ``beam_size`` best finished hypotheses); the best ``beam_size`` others go on.
-    A hypothesis reaching ``int(a * src_len + b)`` tokens is closed with eos (scored with its log-prob).
+    A hypothesis reaching ``int(a * src_len + b)`` tokens is closed with eos (scored with its log-prob); one with
+    fewer than ``min_len`` tokens cannot take eos (``min_lengths``: an empty source may end at once), as in fairseq.
 
     A sentence is done:
       - ``early_stopping=True``: once it has ``beam_size`` finished hypotheses (fairseq);
@@ -181,6 +196,7 @@ def beam_search(
         B, device, pad = src.size(0), src.device, model.config.pad_id
         banned = torch.tensor(_banned_ids(model), device=device)
         max_len = max_lengths(src, pad, max_len_a, max_len_b).to(device)  # (B,)
+        min_len = min_lengths(src, pad, min_len, max_len)  # (B,)
         cap = int(max_len.max()) if B else 0
         step = partial(_beam_step, K=K, eos=model.config.eos_id, alpha=length_penalty, penalty=penalty,
                        early_stopping=early_stopping, ranks=torch.arange(2 * K, device=device))
@@ -200,14 +216,15 @@ def beam_search(
         scores[:, 0] = 0.0
         fin = (fin_scores, fin_tokens, fin_lens)
         if static:
-            _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, last, fin)
+            _static_search(model, state, step, banned, max_len, min_len, cap, K, scores, tokens, last, fin)
         else:
             active = torch.arange(B, device=device)  # (A,) original index of each live sentence
-            act_max, act_fin = max_len, fin  # (A,) and the finished hypotheses of the live sentences
+            act_max, act_min, act_fin = max_len, min_len, fin  # (A,) (A,) and the live sentences' finished ones
             for t in range(cap + 1):  # t = tokens generated so far; the next one has length t + 1 with eos
                 A = active.numel()
                 force_eos = (act_max == t).repeat_interleave(K)  # (A*K,)
-                lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (A*K, V)
+                ban_eos = (act_min > t).repeat_interleave(K)  # (A*K,)
+                lprobs = _next_lprobs(model, last, state, banned, force_eos, ban_eos)  # (A*K, V)
                 act_fin, next_beam, next_tok, next_scores, done = step(lprobs, scores, tokens, act_fin, t, act_max)
 
                 keep = (~done).nonzero().squeeze(1)  # (A',)  the step's one host sync
@@ -217,7 +234,7 @@ def beam_search(
                     if keep.numel() == 0:
                         break
                     act_fin = tuple(f[keep] for f in act_fin)
-                    active, act_max = active[keep], act_max[keep]
+                    active, act_max, act_min = active[keep], act_max[keep], act_min[keep]
                 # select the live beams' rows (and drop done sentences) in one reorder of the cache
                 index = (keep.unsqueeze(1) * K + next_beam[keep]).view(-1)  # (A'*K,)
                 state.reorder(index, beams_only=keep.numel() == A)
@@ -289,7 +306,7 @@ def _beam_step(
     return (fin_scores, fin_tokens, fin_lens), next_beam, next_tok, next_scores, done
 
 
-def _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, last, fin) -> None:
+def _static_search(model, state, step, banned, max_len, min_len, cap, K, scores, tokens, last, fin) -> None:
     """The loop of beam_search(static=True): all B sentences' rows stay; every tensor the step reads or writes has
     a fixed shape and address (the search's own and, after ``make_static``, the cache's), so on CUDA one step is
     captured as a CUDA graph and replayed. Writes the finished hypotheses into ``fin``."""
@@ -303,7 +320,8 @@ def _static_search(model, state, step, banned, max_len, cap, K, scores, tokens, 
 
     def one_step() -> None:
         force_eos = (max_len == t).repeat_interleave(K)  # (B*K,)
-        lprobs = _next_lprobs(model, last, state, banned, force_eos)  # (B*K, V)
+        ban_eos = (min_len > t).repeat_interleave(K)  # (B*K,)
+        lprobs = _next_lprobs(model, last, state, banned, force_eos, ban_eos)  # (B*K, V)
         new_fin, next_beam, next_tok, next_scores, now_done = step(lprobs, scores, tokens, fin, t, max_len,
                                                                    frozen=done)
         for old, new in zip(fin, new_fin):

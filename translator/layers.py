@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,22 +15,28 @@ from translator.config import TransformerConfig
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sinusoidal_table(n: int, dim: int) -> Tensor:
-    """The paper's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). Shape (n, dim)."""
-    pos = torch.arange(n, dtype=torch.float64)[:, None]
-    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    table = torch.zeros(n, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq)
-    return table.float()
+def position_angles(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """pos (...) integer position ids -> angles pos / base^(2i/dim), (..., dim/2), in float64.
+
+    float64: at position p the angle is p radians, and float32 would carry an error of about p * 6e-8 (1e-4 at
+    p = 2000) into every sin/cos. The cost is small: one (..., dim/2) tensor per forward.
+    """
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # (dim/2,)
+    return pos.double().unsqueeze(-1) * inv_freq
 
 
-def build_rope_cache(n: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin for positions 0..n-1, each (n, head_dim), in the rotate-half layout."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hs/2,)
-    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq  # (n, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (n, hs)
-    return angles.cos().float(), angles.sin().float()
+def sinusoidal(pos: Tensor, dim: int) -> Tensor:
+    """The paper's encoding: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). pos (...) -> (..., dim),
+    float64."""
+    angles = position_angles(pos, dim)  # (..., dim/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles at pos (...), each (..., head_dim) in the rotate-half layout, float64."""
+    angles = position_angles(pos, head_dim, base)  # (..., hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., hs)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -44,8 +49,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Positions(nn.Module):
     """Maps position ids (B, L) to an additive embedding (sinusoidal, learned) or to rotary cos/sin.
 
-    Tables live in non-persistent buffers (learned: a parameter) and grow on demand past the trained length;
-    `bound` is an upper bound on the ids, taken from tensor shapes so that no host-device sync is needed.
+    Sinusoidal and rotary positions are computed from the ids at each call: no table, so no length limit, and no
+    buffer that could differ between DDP ranks (DDP broadcasts buffers from rank 0 before each training step) or be
+    created under `inference_mode` during validation. The learned table is a parameter of `max_positions` rows;
+    `bound`, an upper bound on the ids taken from tensor shapes (no host-device sync), is checked against it.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -57,43 +64,24 @@ class Positions(nn.Module):
         self.dim = cfg.d_model
         if self.kind == "learned":
             self.table = nn.Embedding(cfg.max_positions, cfg.d_model)
-        elif self.kind == "sinusoidal":
-            self.register_buffer("table", sinusoidal_table(256, cfg.d_model), persistent=False)
-        else:
-            cos, sin = build_rope_cache(256, cfg.head_dim, cfg.rope_base)
-            self.register_buffer("cos", cos, persistent=False)
-            self.register_buffer("sin", sin, persistent=False)
 
     @property
     def rotary(self) -> bool:
         return self.kind == "rope"
 
-    def _grow(self, bound: int) -> None:
+    def forward(self, pos: Tensor, bound: int, dtype: torch.dtype) -> Tensor | tuple[Tensor, Tensor]:
+        """pos (B, L) -> embedding (B, L, D), or rope (cos, sin) each (B, 1, L, hs); in `dtype` (the embeddings').
+        B may be 1 for ids shared by the batch: the results broadcast."""
         if self.kind == "learned":
             if bound > self.max_positions:
                 raise ValueError(
                     f"sequence needs {bound} positions but the learned table has max_positions={self.max_positions}"
                 )
-            return
-        have = self.table.size(0) if self.kind == "sinusoidal" else self.cos.size(0)
-        if bound <= have:
-            return
-        n = max(bound, 2 * have)
-        # .to(old table): keep device and dtype, so a model cast to bf16/float64 stays so past the first 256
-        if self.kind == "sinusoidal":
-            self.table = sinusoidal_table(n, self.dim).to(self.table)
-        else:
-            cos, sin = build_rope_cache(n, self.head_dim, self.rope_base)
-            self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
-
-    def forward(self, pos: Tensor, bound: int) -> Tensor | tuple[Tensor, Tensor]:
-        """pos (B, L) -> embedding (B, L, D), or rope (cos, sin) each (B, 1, L, hs)."""
-        self._grow(bound)
-        if self.kind == "learned":
             return self.table(pos)
         if self.kind == "sinusoidal":
-            return self.table[pos]
-        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+            return sinusoidal(pos, self.dim).to(dtype)
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base)
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,17 +38,17 @@ class Seq2SeqTransformer(nn.Module):
         return self.config.bos_id
 
     def _embed(self, embedding: nn.Embedding, tokens: Tensor, pos: Tensor, bound: int):
-        """tokens, pos (B, L) -> x (B, L, D) and rope (cos, sin) or None."""
+        """tokens (B, L), pos (B or 1, L) -> x (B, L, D) and rope (cos, sin) or None."""
         x = embedding(tokens) * self.emb_scale
-        p = self.positions(pos, bound)
+        p = self.positions(pos, bound, x.dtype)
         if self.positions.rotary:
             return self.drop(x), p
         return self.drop(x + p), None
 
     def encode(self, src: Tensor) -> Tensor:
         """src (B, S) -> memory (B, S, D). Pads (config.pad_id) are masked as keys."""
-        B, S = src.shape
-        pos = torch.arange(S, device=src.device).expand(B, S)
+        S = src.size(1)
+        pos = torch.arange(S, device=src.device)[None]  # (1, S): the same for every row
         x, rope = self._embed(self.src_embed, src, pos, S)
         mask = (src != self.config.pad_id)[:, None, None, :]  # (B, 1, 1, S)
         for block in self.encoder:
@@ -60,7 +60,7 @@ class Seq2SeqTransformer(nn.Module):
     ) -> Tensor:
         """tgt (B, T) target inputs after whatever `state` holds; memory (B, S, D); src_pad_mask (B, S), True
         at pads. Returns logits (B, T, V). Without a state the pass is causal over tgt from position 0."""
-        B, T = tgt.shape
+        T = tgt.size(1)
         memory_mask = ~src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
         if state is not None and state.static:  # one token against fixed-size caches (CUDA graphs)
             if T != 1:
@@ -69,7 +69,7 @@ class Seq2SeqTransformer(nn.Module):
             is_causal = False
         else:
             start = 0 if state is None else state.length
-            pos, bound = torch.arange(start, start + T, device=tgt.device).expand(B, T), start + T
+            pos, bound = torch.arange(start, start + T, device=tgt.device)[None], start + T  # (1, T)
             # training: plain causal (target pads sit at the end, after every real token); cached decoding of one
             # token needs no mask; several tokens after a cache need the offset causal mask
             mask = causal_mask(T, start + T, tgt.device) if state is not None and T > 1 and start > 0 else None

@@ -44,6 +44,13 @@ class Translation(Hypothesis):
     text: str = ""
 
 
+def one_line(text: str) -> str:
+    """A translation as one output line: each whitespace run (tabs, newlines, Unicode line separators) becomes one
+    space, and the ends are stripped, so the output keeps one line per input line and its TSV columns. Used by
+    `scripts/translate.py` and by `translator predict`'s writer alike."""
+    return " ".join(text.split())
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a ValueError, not a late crash."""
     if name == "auto":
@@ -111,13 +118,15 @@ def translate(
     max_input_tokens: int = 256,
     device: torch.device | str | None = None,
     static: bool = False,
+    min_len: int = 1,
 ) -> list[list[Translation]]:
     """Translate raw sentences; returns, in input order, each sentence's best `nbest` translations, best first.
 
     `batch_tokens` bounds the padded source tokens of a batch (the search holds `beam` rows per sentence).
     `device`: where to run (the model is moved there); None keeps the model where it is. On CUDA the search runs
     under bf16 autocast (the log-probs themselves are float32, see `generate`). `static`: the fixed-shape search,
-    one CUDA graph per batch on a GPU (`generate.beam_search`); same translations.
+    one CUDA graph per batch on a GPU (`generate.beam_search`); same translations. `min_len`: tokens before eos may
+    come (a non-empty sentence gets a non-empty translation unless 0).
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
@@ -130,7 +139,7 @@ def translate(
     for batch in token_batches([len(s) for s in sources], batch_tokens):
         src = pad([sources[i] for i in batch], device)  # (B, S)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hyps = beam_search(model, src, beam, length_penalty, nbest=nbest, static=static)
+            hyps = beam_search(model, src, beam, length_penalty, nbest=nbest, static=static, min_len=min_len)
         for i, sentence_hyps in zip(batch, hyps):
             texts = tokenizer.decode([h.tokens for h in sentence_hyps])
             results[i] = [Translation(h.tokens, h.score, t) for h, t in zip(sentence_hyps, texts)]
