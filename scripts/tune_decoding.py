@@ -4,7 +4,7 @@
     python scripts/tune_decoding.py --checkpoint checkpoints/quickstart/last.ckpt --data ../shared/data/multi30k \\
         --split val --penalty gnmt average --alpha 0.6 1.0 1.4 2.0
 
-Prints one row per (length penalty form, alpha): BLEU, chrF, brevity penalty and hypothesis/reference length ratio
+Prints one row per (early stopping, length penalty form, alpha): BLEU, chrF, brevity penalty and hypothesis/reference length ratio
 (sacreBLEU 13a), so that the defaults in `translator.generate` can be chosen from measurements.
 """
 
@@ -24,11 +24,12 @@ from translator.generate import beam_search
 from translator.translate import encode_sources, pad, token_batches
 
 
-def decode(model, tokenizer, sources: list[str], beam: int, alpha: float, penalty: str, batch_tokens: int) -> list[str]:
+def decode(model, tokenizer, sources: list[str], beam: int, alpha: float, penalty: str, early: bool,
+           batch_tokens: int) -> list[str]:
     ids = encode_sources(tokenizer, sources)
     out = [""] * len(ids)
     for batch in token_batches([len(s) for s in ids], batch_tokens):
-        hyps = beam_search(model, pad([ids[i] for i in batch]), beam, alpha, penalty=penalty)
+        hyps = beam_search(model, pad([ids[i] for i in batch]), beam, alpha, penalty=penalty, early_stopping=early)
         for i, text in zip(batch, tokenizer.decode([h[0].tokens for h in hyps])):
             out[i] = text
     return out
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--penalty", nargs="+", default=["gnmt", "average"], choices=["gnmt", "average"])
     p.add_argument("--alpha", nargs="+", type=float, default=[0.6, 1.0, 1.4, 2.0])
+    p.add_argument("--early-stopping", nargs="+", default=["yes"], choices=["yes", "no"],
+                   help="yes: a sentence ends with its beam-size-th finished hypothesis (fairseq); no: once no live "
+                        "beam can beat the finished ones")
     p.add_argument("--batch-tokens", type=int, default=4096)
     args = p.parse_args(argv)
     if "test" in args.split:
@@ -53,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"tune_decoding.py: error: {err}\n")
     print(f"{args.checkpoint}, {len(ts.sources)} {args.split} pairs, beam {args.beam}, torch threads "
           f"{torch.get_num_threads()}")
-    print("| penalty | alpha | BLEU | chrF | BP | len ratio | seconds |\n|---|---|---|---|---|---|---|")
-    for penalty, alpha in itertools.product(args.penalty, args.alpha):
+    print("| early stop | penalty | alpha | BLEU | chrF | BP | len ratio | seconds |\n|---|---|---|---|---|---|---|---|")
+    for early, penalty, alpha in itertools.product(args.early_stopping, args.penalty, args.alpha):
         start = time.perf_counter()
-        hyps = decode(model, tokenizer, ts.sources, args.beam, alpha, penalty, args.batch_tokens)
+        hyps = decode(model, tokenizer, ts.sources, args.beam, alpha, penalty, early == "yes", args.batch_tokens)
         bleu = sacrebleu.corpus_bleu(hyps, [ts.references])
         chrf = sacrebleu.corpus_chrf(hyps, [ts.references]).score
-        print(f"| {penalty} | {alpha} | {bleu.score:.2f} | {chrf:.1f} | {bleu.bp:.3f} | "
+        print(f"| {early} | {penalty} | {alpha} | {bleu.score:.2f} | {chrf:.1f} | {bleu.bp:.3f} | "
               f"{bleu.sys_len / bleu.ref_len:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
     return 0
 
