@@ -10,13 +10,13 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   of 8, exactly as training makes them), tokenizer trained once by `TranslationDataModule.prepare_data` and cached.
   The first ``--batches`` batches filled to at least half the budget are kept (the tail batch of each sorted buffer is
   skipped) and cycled; warm-up steps cover every distinct batch shape before timing starts.
-* variants (``--variants``): ``eager`` = bf16 autocast, fused AdamW, no host sync in the loop (the reference);
-  ``fp32`` (no autocast), ``unfused`` (foreach AdamW), ``item`` (``loss.item()`` every step) change one thing each;
+* variants (``--variants``): ``eager`` = bf16 autocast (on a CPU only where it has bf16 arithmetic, see
+  `bf16_autocast`), fused AdamW on CUDA, no host sync in the loop (the reference); ``fp32`` (no autocast), ``unfused`` (foreach AdamW), ``item`` (``loss.item()`` every step) change one thing each;
   ``compile`` = ``torch.compile`` of forward + loss (as ``Seq2SeqModule(compile=True)`` does); ``reduce-overhead``
   = the same in ``mode="reduce-overhead"`` (CUDA graphs: one recording per batch shape; token-budget batches come in
   few shapes, see docs/benchmarks.md); ``lightning`` / ``lightning-compile`` / ``lightning-graphs`` = the real ``Trainer.fit``
   path (``Seq2SeqModule`` / ``DecoderOnlyModule`` with ``compile`` False / True / "reduce-overhead", bf16-mixed,
-  gradient clipping) over the same batches; ``hf`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
+  gradient clipping) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
   ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
@@ -78,12 +78,12 @@ class Variant:
     compile: str | None = None  # None | default | reduce-overhead
     item: bool = False
     cuda_only: bool = False
-    same_on_cpu: bool = False  # indistinguishable from eager on CPU (no autocast / no fused AdamW there)
+    same_on_cpu: bool = False  # indistinguishable from eager on CPU (no fused AdamW there; no autocast without bf16)
 
 
 VARIANTS = {
     "eager": Variant("ours"),
-    "fp32": Variant("ours", autocast=False, same_on_cpu=True),
+    "fp32": Variant("ours", autocast=False),
     "unfused": Variant("ours", fused=False, same_on_cpu=True),
     "item": Variant("ours", item=True),
     "compile": Variant("ours", compile="default"),
@@ -92,6 +92,7 @@ VARIANTS = {
     "lightning-compile": Variant("lightning", compile="default"),
     "lightning-graphs": Variant("lightning", compile="reduce-overhead", cuda_only=True),
     "hf": Variant("hf"),
+    "hf-fp32": Variant("hf", autocast=False),
     "hf-compile": Variant("hf", compile="default"),
 }
 DEFAULT_VARIANTS = ["eager", "fp32", "unfused", "item", "compile", "reduce-overhead", "lightning", "hf"]
@@ -264,6 +265,14 @@ class BatchList(torch.utils.data.Dataset):
         return {"src": b.src, "tgt": b.tgt}
 
 
+def bf16_autocast(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on this device: any CUDA GPU here; a CPU only with native bf16 arithmetic
+    (AVX512-BF16 or AMX), which torch reports at run time. Never assumed."""
+    if device.type == "cuda":
+        return True
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def bare_loop(model: nn.Module, step_loss: Callable, batches: list[BenchBatch], n_steps: int, v: Variant,
               device: torch.device) -> list[float]:
     """Train for n_steps over the cycled batches; returns every step's time in seconds."""
@@ -271,7 +280,7 @@ def bare_loop(model: nn.Module, step_loss: Callable, batches: list[BenchBatch], 
     cuda = device.type == "cuda"
     opt, sched = make_optimizer(model, fused=v.fused and cuda, foreach=True if cuda and not v.fused else None)
     params = [p for g in opt.param_groups for p in g["params"]]
-    amp = v.autocast and device.type == "cuda"
+    amp = v.autocast and bf16_autocast(device)
     clock = StepClock(device)
     model.train()
     clock.mark()
@@ -299,7 +308,7 @@ def lightning_loop(module: TranslationModule, tokenizer: Tokenizer, batches: lis
     clock = StepClock(device)
     module.tokenizer = tokenizer
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_steps=n_steps, precision="bf16-mixed" if device.type == "cuda" else
+        accelerator=device.type, devices=1, max_steps=n_steps, precision="bf16-mixed" if bf16_autocast(device) else
         "32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=CLIP, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ClockCallback(clock)])
     # the batches are pinned already (as DataLoader(pin_memory=True) leaves them); Lightning copies them non_blocking
@@ -513,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = []
     for name in args.variants:
         v = VARIANTS[name]
-        if device.type != "cuda" and (v.cuda_only or v.same_on_cpu):
+        # without bf16 arithmetic a CPU runs eager in fp32: the fp32 rows would repeat it
+        if device.type != "cuda" and (v.cuda_only or v.same_on_cpu or not (v.autocast or bf16_autocast(device))):
             log.warning("skipping %s on %s (%s)", name, device, "needs CUDA" if v.cuda_only else "same as eager here")
         elif device.type != "cuda" and name in COMPILED_ON_CPU_ONLY_IF_ASKED and args.variants == DEFAULT_VARIANTS:
             log.warning("skipping %s on CPU by default (slow to compile); name it in --variants to run it", name)
