@@ -134,8 +134,12 @@ def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, r
         cmd += ["--model.init_args.preset", args.preset]
     cmd += args.ours_arg
     start = time.perf_counter()
-    with open(run_dir / "fit.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if args.reuse and next(run_dir.rglob(args.ckpt), None) is not None:
+        print(f"reusing the trained {run_dir}: evaluating again", flush=True)
+        proc = subprocess.CompletedProcess(cmd, 0)
+    else:
+        with open(run_dir / "fit.log", "w") as log:
+            proc = subprocess.run(cmd, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"bench_quality.py: error: translator fit failed; see {run_dir / 'fit.log'}")
@@ -347,6 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt", default="last.ckpt", help="which of our checkpoints to test (a file name pattern)")
     p.add_argument("--ours-arg", action="append", default=[], help="an extra `translator fit` argument for ours "
                    "(repeatable; write it as --ours-arg=--model.init_args.norm_first=false)")
+    p.add_argument("--reuse", action="store_true", help="ours: evaluate a run already trained in OUT again instead "
+                   "of training it (e.g. after changing the decoding defaults)")
     p.add_argument("--tag", default="", help="a name for this variant in the table")
     p.add_argument("--out", type=Path, default=Path("out/bench_quality"))
     p.add_argument("--report", type=Path, metavar="OUT", help="print the table of OUT/runs.jsonl and exit")
