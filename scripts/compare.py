@@ -20,6 +20,8 @@ import re
 import shlex
 import sys
 
+from translator.generate import LENGTH_PENALTY, PENALTY
+
 log = logging.getLogger("compare")
 
 
@@ -34,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a named test set (repeatable)")
     parser.add_argument("--limit", type=int, help="use only the first N pairs of each test set")
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="GNMT length penalty alpha")
+    parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
+                        help=f"length penalty alpha (default {LENGTH_PENALTY}, {PENALTY} form)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded source tokens per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no significance)")

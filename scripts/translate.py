@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from translator.generate import LENGTH_PENALTY, MIN_LEN, PENALTY
+
 log = logging.getLogger("translate")
 
 
@@ -33,8 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="a translator .ckpt")
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
     parser.add_argument("--nbest", type=int, help="write the N best per line as TSV: line_no, rank, score, text")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="GNMT length penalty alpha")
-    parser.add_argument("--min-len", type=int, default=1,
+    parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
+                        help=f"length penalty alpha (default {LENGTH_PENALTY}, {PENALTY} form)")
+    parser.add_argument("--min-len", type=int, default=MIN_LEN,
                         help="tokens before the end of a translation may come (0: a translation may be empty)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded source tokens per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")

@@ -45,6 +45,7 @@ from torch import nn
 
 from translator import checkpoint
 from translator.data import load_pairs
+from translator.generate import LENGTH_PENALTY
 from translator.metrics import SACREBLEU_TESTED, sacrebleu_internal, score_from_statistics, sentence_statistics
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from translator.translate import pad, resolve_device, token_batches, translate
@@ -250,7 +251,7 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, sources: list[str], refer
 
 
 def timed_translate(model: nn.Module, tokenizer: Tokenizer, sentences: list[str], beam: int, batch_tokens: int,
-                    length_penalty: float = 1.0) -> tuple[list[str], float]:
+                    length_penalty: float = LENGTH_PENALTY) -> tuple[list[str], float]:
     """Best translation of each sentence and the wall time in seconds (after an untimed warm-up batch)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -380,7 +381,7 @@ def checkpoint_names(paths: list[str | os.PathLike]) -> list[str]:
 
 
 def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam: int = 5, batch_tokens: int = 4096,
-            device: str = "auto", bootstrap: int = 1000, names: list[str] | None = None, length_penalty: float = 1.0,
+            device: str = "auto", bootstrap: int = 1000, names: list[str] | None = None, length_penalty: float = LENGTH_PENALTY,
             examples: int = 5) -> Report:
     """Evaluate every checkpoint on every test set (one model in memory at a time); see the module docstring."""
     if not checkpoints or not testsets:

@@ -27,6 +27,13 @@ from translator.tokenizer import BOS_ID, SEP_ID
 
 Penalty = Literal["gnmt", "average"]
 
+# The decoding defaults, in one place: chosen on Multi30k *validation* with scripts/tune_decoding.py (docs/results.md).
+# Every caller (translate, the modules' test/predict, compare, the scripts) uses them unless told otherwise.
+LENGTH_PENALTY: float = 1.0  # alpha
+PENALTY: Penalty = "gnmt"  # how the summed log-prob is normalised by length
+EARLY_STOPPING: bool = True
+MIN_LEN: int = 1
+
 
 class DecodeState(Protocol):
     def reorder(self, index: Tensor, beams_only: bool = False) -> None: ...
@@ -103,7 +110,7 @@ def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: T
 # ---- greedy ----------------------------------------------------------------------------------------------------
 def greedy(
     model: DecodeModel, src: Tensor, max_len_a: float = 1.2, max_len_b: float = 10, static: bool = False,
-    min_len: int = 1,
+    min_len: int = MIN_LEN,
 ) -> list[list[int]]:
     """Greedy decoding. src: (B, S) right-padded source ids. Returns token ids (no bos/eos) per sentence.
 
@@ -151,14 +158,14 @@ def beam_search(
     model: DecodeModel,
     src: Tensor,
     beam_size: int = 5,
-    length_penalty: float = 1.0,
+    length_penalty: float = LENGTH_PENALTY,
     max_len_a: float = 1.2,
     max_len_b: float = 10,
     nbest: int = 1,
-    early_stopping: bool = True,
-    penalty: Penalty = "gnmt",
+    early_stopping: bool = EARLY_STOPPING,
+    penalty: Penalty = PENALTY,
     static: bool = False,
-    min_len: int = 1,
+    min_len: int = MIN_LEN,
 ) -> list[list[Hypothesis]]:
     """Beam search over the model's KV cache. src: (B, S) right-padded source ids.
 

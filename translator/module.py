@@ -95,7 +95,7 @@ class TranslationModule(L.LightningModule):
         bleu_every: int = 1,
         bleu_sentences: int | None = None,
         test_beam_size: int = 5,
-        length_penalty: float = 1.0,
+        length_penalty: float = generate.LENGTH_PENALTY,
         compile: bool | str = False,
         **model_overrides: Any,
     ) -> None:

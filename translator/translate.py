@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translator.decoder_only import DecoderOnlyTransformer
-from translator.generate import Hypothesis, beam_search
+from translator.generate import LENGTH_PENALTY, MIN_LEN, Hypothesis, beam_search
 from translator.layers import Attention, apply_rope
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -113,12 +113,12 @@ def translate(
     sentences: list[str],
     beam: int = 5,
     nbest: int = 1,
-    length_penalty: float = 1.0,
+    length_penalty: float = LENGTH_PENALTY,
     batch_tokens: int = 4096,
     max_input_tokens: int = 256,
     device: torch.device | str | None = None,
     static: bool = False,
-    min_len: int = 1,
+    min_len: int = MIN_LEN,
 ) -> list[list[Translation]]:
     """Translate raw sentences; returns, in input order, each sentence's best `nbest` translations, best first.
 
