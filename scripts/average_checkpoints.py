@@ -19,33 +19,7 @@ from pathlib import Path
 
 import torch
 
-from translator.checkpoint import CheckpointError, read
-
-TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "current_model_state",
-                  "averaging_state", "rng_states")
-
-
-def average(paths: list[Path], ckpts: list[dict]) -> dict:
-    """The averaged checkpoint dict of the loaded checkpoints `ckpts` (read from `paths`), newest last."""
-    first = ckpts[0]["translator"]
-    for path, ckpt in zip(paths[1:], ckpts[1:]):
-        meta = ckpt["translator"]
-        for key in ("arch", "config"):
-            if meta.get(key) != first.get(key):
-                raise CheckpointError(f"{path}: another model than {paths[0]} ({key} differs): average checkpoints "
-                                      "of one run only")
-        if not torch.equal(meta["tokenizer"], first["tokenizer"]):
-            raise CheckpointError(f"{path}: another tokenizer than {paths[0]}: average checkpoints of one run only")
-        if ckpt["state_dict"].keys() != ckpts[0]["state_dict"].keys():
-            raise CheckpointError(f"{path}: its weights have other names than {paths[0]}'s")
-    out = {k: v for k, v in ckpts[-1].items() if k not in TRAINING_STATE}
-    out["state_dict"] = {
-        name: (torch.stack([c["state_dict"][name].double() for c in ckpts]).mean(0).to(tensor.dtype)
-               if tensor.is_floating_point() else tensor)
-        for name, tensor in ckpts[-1]["state_dict"].items()
-    }
-    out["translator"] = {**ckpts[-1]["translator"], "averaged": [str(p) for p in paths]}
-    return out
+from translator.checkpoint import CheckpointError, average, read
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -161,11 +161,19 @@ def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, r
         return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID, reduction="sum")
 
     result.update(evaluate(lambda s: [h[0].text for h in translate(model, tok, s, beam=args.beam)], nll, tok, args))
-    if "current_model_state" in raw:  # trained with weight averaging: state_dict holds the average; score both
-        model.load_state_dict({k.removeprefix("model."): v for k, v in raw["current_model_state"].items()
-                               if k.startswith("model.")})
-        result["raw"] = evaluate(lambda s: [h[0].text for h in translate(model, tok, s, beam=args.beam)], nll, tok,
-                                 args)
+    # the same run's other weights, when the recipe keeps them: EMA's current (raw) weights, and the mean of the
+    # periodic weights-only checkpoints (`avg-*.ckpt`, raw weights) as scripts/average_checkpoints.py makes it
+    others = {}
+    if "current_model_state" in raw:
+        others["raw"] = raw["current_model_state"]
+    periodic = sorted(((checkpoint.read(p), p) for p in run_dir.rglob("avg-*.ckpt")), key=lambda c: c[0]["global_step"])
+    if len(periodic) > 1:
+        ckpts, paths = zip(*periodic)
+        others[f"avg{len(paths)}"] = checkpoint.average(list(paths), list(ckpts))["state_dict"]
+    for name, state in others.items():
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        result[name] = evaluate(lambda s: [h[0].text for h in translate(model, tok, s, beam=args.beam)], nll, tok,
+                                args)
     return result
 
 

@@ -79,3 +79,33 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn
     except (TypeError, RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: inconsistent translator checkpoint: {err}") from None
     return model.to(map_location).eval(), tokenizer, meta
+
+
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "current_model_state",
+                  "averaging_state", "rng_states")
+
+
+def average(paths: list[Path], ckpts: list[dict]) -> dict:
+    """The checkpoints `ckpts` (as `read` returns them, from `paths`, newest last) as one: the element-wise mean of
+    their weights (float64 sums, each tensor's own dtype), the newest one's everything else, its training state
+    (optimizer, loops, callbacks, weight-averaging state) left out. They must share architecture, config and
+    tokenizer."""
+    first = ckpts[0]["translator"]
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        meta = ckpt["translator"]
+        for key in ("arch", "config"):
+            if meta.get(key) != first.get(key):
+                raise CheckpointError(f"{path}: another model than {paths[0]} ({key} differs): average checkpoints "
+                                      "of one run only")
+        if not torch.equal(meta["tokenizer"], first["tokenizer"]):
+            raise CheckpointError(f"{path}: another tokenizer than {paths[0]}: average checkpoints of one run only")
+        if ckpt["state_dict"].keys() != ckpts[0]["state_dict"].keys():
+            raise CheckpointError(f"{path}: its weights have other names than {paths[0]}'s")
+    out = {k: v for k, v in ckpts[-1].items() if k not in TRAINING_STATE}
+    out["state_dict"] = {
+        name: (torch.stack([c["state_dict"][name].double() for c in ckpts]).mean(0).to(tensor.dtype)
+               if tensor.is_floating_point() else tensor)
+        for name, tensor in ckpts[-1]["state_dict"].items()
+    }
+    out["translator"] = {**ckpts[-1]["translator"], "averaged": [str(p) for p in paths]}
+    return out
