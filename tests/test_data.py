@@ -233,6 +233,52 @@ def test_two_ranks_two_workers_are_disjoint_and_cover(tmp_path: Path, tokenizer:
     assert sorted(len(p) for p in per_worker) == [201, 202]  # 403 pairs: uneven ranks
 
 
+def with_bad_lines(pairs: Pairs) -> Pairs:
+    """Real pairs with over-long (source, target, both) and empty (source, target, both, blank) pairs injected."""
+    (d0, e0), (d1, e1) = pairs[0], pairs[1]
+    long_de, long_en = " ".join([d0] * 12), " ".join([e0] * 12)  # far over max_len=64 tokens
+    bad = [(long_de, long_en), (long_de, e1), (d1, long_en), ("", e1), (d1, ""), ("", ""), ("  ", " ")]
+    out = list(pairs)
+    for k, pair in enumerate(bad):
+        out.insert(7 + 11 * k, pair)
+    return out
+
+
+def test_evaluation_scores_every_line(tmp_path: Path, tokenizer: Tokenizer, tokenizer_file: Path) -> None:
+    """Validation/test batches hold every line of the split once, over 2 ranks x 2 workers: over-long pairs cut to
+    max_len (the text kept whole for BLEU, a cut target without eos) and flagged, empty pairs kept."""
+    pairs = with_bad_lines(raw_pairs("test_2016_flickr", 120))
+    data = write_parallel(tmp_path, "test", pairs)
+    max_len = 64
+    rows = []
+    for rank in range(2):
+        batches = TokenBatches(load_pairs(data, "test"), tokenizer, 1024, max_len, rank=rank, world_size=2,
+                               evaluation=True)  # fmt: skip
+        for b in DataLoader(batches, batch_size=None, num_workers=2):
+            assert b["num_pairs"] == len(pairs) and b["src"].numel() + b["tgt"].numel() <= 1024
+            for j, i in enumerate(b["index"]):
+                src, tgt = b["src"][j], b["tgt"][j]
+                rows.append((i, b["src_text"][j], b["tgt_text"][j], src[src != PAD_ID].tolist(),
+                             tgt[tgt != PAD_ID].tolist(), b["truncated"][j]))  # fmt: skip
+    assert sorted(r[0] for r in rows) == list(range(len(pairs)))  # every line, once
+    cut = 0
+    for i, src_text, tgt_text, src, tgt, truncated in rows:
+        d, e = (t.strip() for t in pairs[i])
+        assert (src_text, tgt_text) == (d, e)  # whole, for BLEU
+        (d_ids,), (e_ids,) = tokenizer.encode([d]), tokenizer.encode([e])
+        assert src == d_ids[:max_len]
+        assert tgt == [BOS_ID, *e_ids[:max_len], *([EOS_ID] if len(e_ids) <= max_len else [])]
+        assert truncated == (max(len(d_ids), len(e_ids)) > max_len)
+        cut += truncated
+    assert cut == 3 and sum(not r[3] for r in rows) == 3  # the injected pairs: 3 over-long, 3 empty sources
+
+    dm = TranslationDataModule(str(data), tokenizer=str(tokenizer_file), num_workers=0, max_tokens=1024, max_len=max_len)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    assert sorted(i for b in batches for i in b["index"]) == list(range(len(pairs)))
+    assert sum(sum(b["truncated"]) for b in batches) == 3
+
+
 class _Recorder(L.LightningModule):
     """Writes the pairs each rank validates on; counts them with a metric that syncs only at epoch end."""
 
@@ -362,7 +408,8 @@ def test_datamodule_trains_tokenizer_once_and_links_sizes(tmp_path: Path, tokeni
     again.setup("fit")
     assert saved.stat().st_mtime_ns == stamp and again.tokenizer.vocab_size == 300
     batch = next(iter(again.val_dataloader()))
-    assert set(batch) == {"src", "tgt", "src_text", "tgt_text"} and batch["src"].max() < 300
+    assert set(batch) == {"src", "tgt", "src_text", "tgt_text", "index", "truncated", "num_pairs"}
+    assert batch["src"].max() < 300 and batch["num_pairs"] == 1014  # evaluation batches say where each row comes from
     assert TranslationDataModule(path=str(data), vocab_size=123, tokenizer=str(tokenizer_file)).vocab_size == 1000
     with pytest.raises(ValueError, match="max_tokens"):
         TranslationDataModule(max_tokens=100)

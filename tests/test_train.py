@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import MULTI30K
+from conftest import MULTI30K, read_pairs
 from torch import nn
 
 from translator import checkpoint
@@ -188,6 +188,58 @@ def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(batch["src"], batch["tgt"][:, :-1]), module(batch["src"], batch["tgt"][:, :-1]))
     assert tokenizer.to_bytes() == module.tokenizer.to_bytes()
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+def write_split(root: Path, split: str, pairs: list[tuple[str, str]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for k, lang in enumerate(("de", "en")):
+        (root / f"{split}.{lang}").write_text("".join(p[k] + "\n" for p in pairs), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tested(monkeypatch) -> list[TranslationModule]:
+    """Collects the module of every `translator test` (TranslationModule.on_test_end)."""
+    seen: list[TranslationModule] = []
+    monkeypatch.setattr(TranslationModule, "on_test_end", lambda self: seen.append(self), raising=False)
+    return seen
+
+
+def test_test_scores_every_line_and_refuses_a_subset(checkpoints, tokenizer_file, tmp_path, monkeypatch, capsys,
+                                                     tested):  # fmt: skip
+    """`translator test` on real Multi30k test lines with over-long and empty pairs injected: every line is scored
+    (test/sentences), the over-long ones cut and counted (test/truncated); a BLEU over part of the split is refused in
+    one line unless --data.allow_partial_test."""
+    pairs = read_pairs("test_2016_flickr", 40)
+    long = (" ".join([pairs[0][0]] * 12), " ".join([pairs[0][1]] * 12))  # far over debug.yaml's max_len=64
+    pairs[5:5], pairs[20:20] = [long, ("", pairs[1][1]), (pairs[2][0], "")], [long, ("  ", "  "), long]
+    data = write_split(tmp_path / "data", "test", pairs)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["translator"])  # LightningCLI warns about pytest's own arguments
+    args = ["test", "--config", DEBUG, *data_args(tokenizer_file), "--data.path", str(data), "--data.test_split", "test",
+            "--ckpt_path", str(checkpoints["seq2seq"]), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main([*args, "--trainer.limit_test_batches", "1.0"])
+    metrics = tested[-1].trainer.callback_metrics
+    assert metrics["test/sentences"] == len(pairs) == 46 and metrics["test/truncated"] == 3
+    assert metrics["test/chrf"] > 0 and torch.isfinite(metrics["test/loss"])
+
+    partial = [*args, "--trainer.limit_test_batches", "1"]  # one batch: part of the split
+    with pytest.raises(SystemExit) as info:
+        main([*partial, "--data.allow_partial_test", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith("translator: error: ") and "of the 46 lines" in err[-1] and "allow_partial_test" in err[-1]
+    main([*partial, "--data.allow_partial_test", "true"])  # opted in (debug.yaml does, for its smoke runs)
+    assert 0 < tested[-1].trainer.callback_metrics["test/sentences"] < 46
+
+
+def test_an_empty_source_translates_to_an_empty_line(trained_seq2seq):
+    module, dm, *_ = trained_seq2seq
+    src = val_batch(dm)["src"][:3]
+    alone = module.translate_ids(src)
+    src[1] = 0  # the middle row's source is empty: all pad
+    assert module.translate_ids(src) == [alone[0], "", alone[2]] and alone[1]
 
 
 # ---- optimiser and schedule --------------------------------------------------------------------------------------
