@@ -234,6 +234,26 @@ def test_test_scores_every_line_and_refuses_a_subset(checkpoints, tokenizer_file
     assert 0 < tested[-1].trainer.callback_metrics["test/sentences"] < 46
 
 
+def test_validation_bleu_decodes_the_same_lines_spread_over_the_split(tokenizer_file):
+    """bleu_sentences=40 of the 1014 val lines: every 26th line by index (39 lines), so every length is sampled, the
+    same lines at every validation, not each batch's or rank's first (the shortest: batches are sorted by length)."""
+    dm = datamodule(tokenizer_file, limit_val_pairs=None)
+    module = Seq2SeqModule(preset="tiny", vocab_size=1000, bleu_sentences=40)
+    scored: list[list[str]] = []
+    bleu = module.val_metrics["bleu"]
+    update = bleu.update
+    bleu.update = lambda hyps, refs: (scored[-1].extend(refs), update(hyps, refs))
+    for _ in range(2):
+        scored.append([])
+        metrics = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+        assert metrics["val/bleu_sentences"] == len(scored[-1]) == 39 and metrics["val/sentences"] == 1014
+    references = [en for _, en in read_pairs("val", 1014)]
+    assert sorted(scored[0]) == sorted(scored[1]) == sorted(references[::26])
+    words = sorted(len(r.split()) for r in references)
+    chosen = [len(r.split()) for r in scored[0]]
+    assert min(chosen) <= words[len(words) // 10] and max(chosen) >= words[len(words) * 3 // 4]  # short and long
+
+
 def test_an_empty_source_translates_to_an_empty_line(trained_seq2seq):
     module, dm, *_ = trained_seq2seq
     src = val_batch(dm)["src"][:3]
@@ -354,12 +374,12 @@ def last_val_row(metrics_csv: Path) -> dict[str, float]:
 
 def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, tmp_path, monkeypatch):
     """`translator fit` with 2 gloo processes, then validate its checkpoint in 1 process: the metrics the 2 ranks
-    synced over their disjoint shards of the val pairs equal the single process's over all of them."""
+    synced over their disjoint shards of the val pairs equal the single process's over all of them; BLEU over the
+    same 32 of the 64 lines (debug.yaml's bleu_sentences), chosen by line index whatever the world size."""
     steps = 100
-    no_limit = ["--model.init_args.bleu_sentences", "null"]  # a per-rank decode limit would differ by world size
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     ddp = subprocess.run(
-        [*translator_command(), "fit", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet,
+        [*translator_command(), "fit", "--config", DEBUG, *data_args(tokenizer_file), *quiet,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(steps),
          "--trainer.val_check_interval", str(steps), "--trainer.num_sanity_val_steps", "0",
          "--trainer.logger.init_args.name", "ddp"],
@@ -377,11 +397,15 @@ def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, t
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    main(["validate", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet, "--ckpt_path", str(ckpts[0]),
+    main(["validate", "--config", DEBUG, *data_args(tokenizer_file), *quiet, "--ckpt_path", str(ckpts[0]),
           "--trainer.logger.init_args.name", "single"])  # fmt: skip
     single = last_val_row(tmp_path / "checkpoints" / "single" / "metrics.csv")
 
-    assert set(synced) == set(single) == {"val/loss", "val/ppl", "val/bleu", "val/chrf"}
+    assert set(synced) == set(single) == {"val/loss", "val/ppl", "val/bleu", "val/chrf", "val/sentences",
+                                          "val/truncated", "val/bleu_sentences"}
+    for key in ("val/sentences", "val/truncated", "val/bleu_sentences"):
+        assert synced[key] == single[key], key
+    assert (single["val/sentences"], single["val/bleu_sentences"]) == (64, 32)
     assert synced["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
     assert synced["val/ppl"] == pytest.approx(single["val/ppl"], rel=1e-5)
     assert synced["val/bleu"] == pytest.approx(single["val/bleu"], rel=1e-6, abs=1e-9)

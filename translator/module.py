@@ -47,10 +47,10 @@ def token_loss(model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: floa
 
 def evaluation_metrics() -> nn.ModuleDict:
     """One evaluation stage's metrics, each synced across ranks once, at epoch end: the token-weighted mean NLL (its
-    exp is the perplexity), sacreBLEU's BLEU and chrF, the lines scored, the lines cut to max_len, and the number of
-    lines in the split (the same in every batch)."""
+    exp is the perplexity), sacreBLEU's BLEU and chrF, the sentences decoded for them, the lines scored, the lines cut
+    to max_len, and the number of lines in the split (the same in every batch)."""
     return nn.ModuleDict({
-        "loss": MeanMetric(), "bleu": BLEU(), "chrf": CHRF(),
+        "loss": MeanMetric(), "bleu": BLEU(), "chrf": CHRF(), "decoded": SumMetric(),
         "sentences": SumMetric(), "truncated": SumMetric(), "lines": MaxMetric(),
     })  # fmt: skip
 
@@ -72,7 +72,9 @@ class TranslationModule(L.LightningModule):
             (`inverse_sqrt`) or cosine decay to zero at `max_steps` (`cosine`).
         label_smoothing, weight_decay: as usual; no decay on norms, biases and embeddings.
         bleu_every: compute greedy BLEU/chrF every n-th validation run (0: never).
-        bleu_sentences: decode at most this many validation sentences per rank for BLEU (None: all).
+        bleu_sentences: decode at most this many validation sentences for BLEU, in all (None: all), spread evenly over
+            the split: line i when ``i % ceil(lines / bleu_sentences) == 0``. The same lines at every validation, for
+            any number of ranks and in any batch order (evaluation batches carry each row's line index).
         test_beam_size: beam size for `translator test` and `translator predict` (1: greedy).
         compile: compile the training step's forward and loss with `torch.compile`: True (default mode) or a mode
             name; "reduce-overhead" adds CUDA graphs, one recording per batch shape (token-budget batches come in
@@ -111,6 +113,8 @@ class TranslationModule(L.LightningModule):
         super().__init__()
         if schedule not in ("inverse_sqrt", "cosine"):
             raise ValueError(f"schedule={schedule!r}: expected 'inverse_sqrt' or 'cosine'")
+        if bleu_sentences is not None and bleu_sentences < 1:
+            raise ValueError(f"bleu_sentences={bleu_sentences}: expected a positive number, or null for all")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: expected true, false or a torch.compile mode {COMPILE_MODES}")
         self.save_hyperparameters()
@@ -136,7 +140,6 @@ class TranslationModule(L.LightningModule):
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()
         self._val_runs = 0
-        self._decoded = 0
         self._signature_logged = False
         self._tokens, self._clock = 0, None
         self._elapsed, self._fit_start = 0.0, None  # training wall time, carried across resumes by the checkpoint
@@ -259,6 +262,7 @@ class TranslationModule(L.LightningModule):
             refs = [batch["tgt_text"][j] for j in decode]
             metrics["bleu"].update(hyps, refs)
             metrics["chrf"].update(hyps, refs)
+            metrics["decoded"].update(len(hyps))
 
     def translate_ids(self, src: Tensor, beam: int = 1) -> list[str]:
         """Detokenised translations of a padded source batch (B, S); an empty (all-pad) source translates to ''."""
@@ -278,16 +282,18 @@ class TranslationModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_runs += 1
-        self._decoded = 0
 
     def _bleu_due(self) -> bool:
         return self.hparams.bleu_every > 0 and self._val_runs % self.hparams.bleu_every == 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        limit = self.hparams.bleu_sentences
-        decode = self._bleu_due() and (limit is None or self._decoded < limit)
-        rows = range(len(batch["index"])) if decode else ()
-        self._decoded += len(rows)
+        rows = []
+        if self._bleu_due():
+            # by line index, not by batch position: batches are sorted by length, so the first sentences seen are
+            # the shortest; a stride over the whole split is a fixed sample of every length, on any number of ranks
+            limit = self.hparams.bleu_sentences
+            stride = 1 if limit is None else -(-batch["num_pairs"] // limit)
+            rows = [j for j, i in enumerate(batch["index"]) if i % stride == 0]
         self._evaluate(batch, self.val_metrics, rows, 1)
 
     def _log_scores(self, stage: str, metrics: nn.ModuleDict) -> None:
@@ -303,6 +309,7 @@ class TranslationModule(L.LightningModule):
         if self._bleu_due():
             self.log("val/bleu", metrics["bleu"].compute(), prog_bar=True)
             self.log("val/chrf", metrics["chrf"].compute())
+            self.log("val/bleu_sentences", metrics["decoded"].compute())
             self._log_signature(metrics["bleu"], metrics["chrf"])
         for metric in metrics.values():
             metric.reset()
