@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 from translator import checkpoint
 from translator.cli import main
 from translator.data import TranslationDataModule
-from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
+from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule, token_loss
 from translator.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,8 +323,66 @@ def test_compiled_training_loss_and_gradients_equal_eager(cls):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    tokens = torch.tensor(12.5)  # DDP's normalisation (TranslationModule.training_loss): the count is a tensor input
+    torch.testing.assert_close(compiled._train_loss(src, tgt, tokens), eager._train_loss(src, tgt, tokens),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="torch.compile mode"):
         cls(preset="tiny", vocab_size=100, compile="fast")
+
+
+def uneven_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two ranks' batches (src, tgt): 4 rows of 6 target tokens, and 2 rows of 3 and 1 (padded to 7)."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for rows, lengths in ((4, [7, 7, 7, 7]), (2, [4, 2])):
+        src, tgt = torch.randint(5, 100, (rows, 9), generator=g), torch.randint(5, 100, (rows, 8), generator=g)
+        tgt[:, 0] = 2
+        for r, n in enumerate(lengths):
+            tgt[r, n:] = 0
+        batches.append((src, tgt))
+    return batches
+
+
+def loss_module() -> Seq2SeqModule:
+    torch.manual_seed(0)
+    return Seq2SeqModule(preset="tiny", vocab_size=100, dropout=0.0, attn_dropout=0.0)
+
+
+def _ddp_loss_rank(rank: int, port: int, out: str) -> None:
+    """One rank of test_ddp_loss_is_the_mean_over_all_ranks_tokens: its loss and the DDP-averaged gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        module = loss_module()
+        module.model = nn.parallel.DistributedDataParallel(module.model)  # averages gradients in backward
+        loss = module.training_loss(*uneven_batches()[rank])
+        loss.backward()
+        torch.save([loss.detach(), *(p.grad for p in module.parameters())], Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_loss_is_the_mean_over_all_ranks_tokens(tmp_path):
+    """2 gloo processes with batches of 24 and 4 target tokens: the gradients DDP averages are those of the mean over
+    all 28 tokens (not the mean of the two ranks' means), and the ranks' losses average to that mean. In one process
+    the loss is the batch's token mean, as before."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # spawn: a fork after torch.compile (an earlier test) can deadlock on inductor's worker threads
+    torch.multiprocessing.start_processes(_ddp_loss_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    module = loss_module()
+    (src0, tgt0), (src1, tgt1) = uneven_batches()
+    assert torch.equal(module.training_loss(src0, tgt0), token_loss(module.model, src0, tgt0, 0.1)[0])  # 1 process
+    tokens = torch.tensor(28.0)
+    assert (tgt0[:, 1:] != 0).sum() + (tgt1[:, 1:] != 0).sum() == tokens
+    mean = token_loss(module.model, src0, tgt0, 0.1, tokens)[0] + token_loss(module.model, src1, tgt1, 0.1, tokens)[0]
+    mean.backward()
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, mean.detach())
+    for rank in ranks:
+        for got, p in zip(rank[1:], module.parameters()):
+            torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

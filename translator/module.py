@@ -34,15 +34,18 @@ CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def token_loss(model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy over the non-pad target tokens, and the logits (B, T, V).
+def token_loss(
+    model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over the non-pad target tokens, and the logits (B, T, V): the mean over those tokens, or with
+    `tokens` (a 0-d tensor) their sum divided by it.
 
     src (B, S); tgt (B, T+1) = `<bos> y <eos>` padded: the model reads tgt[:, :-1] and predicts tgt[:, 1:].
     """
     logits = model(src, tgt[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing)
-    return loss, logits
+                           label_smoothing=label_smoothing, reduction="mean" if tokens is None else "sum")
+    return (loss if tokens is None else loss / tokens), logits
 
 
 def evaluation_metrics() -> nn.ModuleDict:
@@ -136,7 +139,9 @@ class TranslationModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None
         # a closure, not a module attribute: a second reference to the model as a child module would save every
         # weight twice in the checkpoint. self.model is looked up at each call, so a strategy that wraps it is followed
-        self._train_loss = _compiled(compile, lambda src, tgt: token_loss(self.model, src, tgt, label_smoothing)[0])
+        self._train_loss = _compiled(
+            compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens)[0]
+        )
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()
         self._val_runs = 0
@@ -201,16 +206,35 @@ class TranslationModule(L.LightningModule):
             self._tokens += int((batch["src"] != PAD_ID).sum()) + int((batch["tgt"][:, 1:] != PAD_ID).sum())
         return batch
 
+    def training_loss(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """This rank's training loss on a batch: src (B, S), tgt (B, T+1), as `token_loss`.
+
+        One process: the mean over the batch's target tokens. Under DDP, which averages the gradients of the W ranks:
+        the sum over this rank's target tokens divided by N / W, N the target tokens of all ranks' batches, so that the
+        average is the mean over all N tokens, as fairseq normalises. Each rank's own mean would weigh the tokens of a
+        rank with fewer of them more.
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        if world == 1:
+            return self._train_loss(src, tgt)
+        tokens = (tgt[:, 1:] != PAD_ID).sum().float()
+        # torch's all_reduce rather than the strategy's reduce, which adds a barrier: on NCCL this one runs on the GPU
+        # without a host sync. Outside the (maybe compiled) loss, which takes the count as a tensor input
+        torch.distributed.all_reduce(tokens)
+        return self._train_loss(src, tgt, tokens / world)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
-        loss = self._train_loss(batch["src"], batch["tgt"])
+        loss = self.training_loss(batch["src"], batch["tgt"])
         if self._cuda_graphs:
             loss = loss.clone()  # a graph output is overwritten by the next replay; Lightning keeps the loss longer
         # log only on logging steps: showing a tensor reads it back from the GPU, a host sync that stalls the queue
         if self.global_step % self.trainer.log_every_n_steps == 0:
             now = time.perf_counter()
-            self.log("train/loss", loss, prog_bar=True)
+            # averaged over ranks (a no-op in one process): under DDP that is the mean over all ranks' target tokens
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             self.log("train/elapsed_s", self._elapsed_s())
             if self._clock is not None:
                 self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
