@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import MULTI30K, read_pairs
 from torch import nn
 
@@ -139,7 +140,23 @@ def test_training_lowers_validation_perplexity(trained_seq2seq):
     _, _, before, after, _ = trained_seq2seq
     assert before["val/ppl"] > 300  # about the vocabulary size: an untrained model
     assert after["val/ppl"] < 0.1 * before["val/ppl"]
-    assert after["val/loss"] == pytest.approx(math.log(after["val/ppl"]), rel=1e-4)  # ppl = exp(token-mean loss)
+
+
+def test_validation_loss_is_the_mean_nll_over_every_target_token(trained_seq2seq):
+    """val/loss and val/ppl against the NLL recomputed here from the model's logits on the val batches, in float64,
+    summed over all target tokens and divided once (a mean of batch means, or a pad counted, would differ)."""
+    module, dm, _, after, _ = trained_seq2seq
+    nll, tokens = 0.0, 0
+    module.eval()
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits, target = module(batch["src"], batch["tgt"][:, :-1]).double(), batch["tgt"][:, 1:]
+            nll += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum").item()
+            tokens += int((target != 0).sum())
+    module.train()
+    assert tokens > 2000  # 200 val pairs
+    assert after["val/loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert after["val/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 
 
 def val_batch(dm: TranslationDataModule) -> dict:
