@@ -20,7 +20,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
-from torchmetrics import SumMetric
 
 from translator.data import (
     ResumableDataLoader,
@@ -30,6 +29,7 @@ from translator.data import (
     round_up,
     token_budget_batches,
 )
+from translator.module import Seq2SeqModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -279,43 +279,43 @@ def test_evaluation_scores_every_line(tmp_path: Path, tokenizer: Tokenizer, toke
     assert sum(sum(b["truncated"]) for b in batches) == 3
 
 
-class _Recorder(L.LightningModule):
-    """Writes the pairs each rank validates on; counts them with a metric that syncs only at epoch end."""
+class _Recorder(Seq2SeqModule):
+    """A tiny translation module that also writes the pairs each rank validates on."""
 
     def __init__(self, out_dir: str) -> None:
-        super().__init__()
+        super().__init__(preset="tiny", vocab_size=1000, warmup_steps=1, bleu_sentences=10)
         self.out_dir = out_dir
-        self.layer = torch.nn.Linear(1, 1)  # DDP needs a parameter
-        self.pairs = SumMetric()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with open(Path(self.out_dir) / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in batch["src_text"]))
-        self.pairs.update(len(batch["src_text"]))
-        self.log("pairs", self.pairs, on_step=False, on_epoch=True)  # computed (all-reduced) once, at epoch end
+        if not self.trainer.sanity_checking:
+            with open(Path(self.out_dir) / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
+                f.write("".join(t + "\n" for t in batch["src_text"]))
+        super().validation_step(batch, batch_idx)
 
 
-def test_ddp_uneven_validation_finishes_with_disjoint_shards(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_ddp_fit_with_uneven_validation_finishes_with_disjoint_shards(tmp_path: Path, tokenizer_file: Path) -> None:
+    """2-process `fit` (where Lightning wraps the model in DDP and training runs collectives) with a validation of
+    101 pairs, 51 and 50 per rank in different numbers of batches: it finishes, each pair is validated once, and the
+    metrics synced at epoch end cover all of them."""
     pairs = numbered(raw_pairs("val", 101))
     data = write_parallel(tmp_path / "data", "val", pairs)
+    write_parallel(data, "train", pairs)
     dm = TranslationDataModule(str(data), val_split="val", tokenizer=str(tokenizer_file), max_tokens=400, num_workers=0)
     # fork, not spawn: on CPU, spawn hands the module's tensors to both ranks in shared memory, so in-place metric
     # updates would add up across ranks. The timeout turns a hang into an error.
     strategy = DDPStrategy(start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=3, val_check_interval=3,
+        check_val_every_n_epoch=None, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False,
-    )
-    results = trainer.validate(_Recorder(str(tmp_path)), datamodule=dm)
+    )  # fmt: skip
+    trainer.fit(_Recorder(str(tmp_path)), datamodule=dm)
     seen = [(tmp_path / f"rank{r}.txt").read_text(encoding="utf-8").splitlines() for r in range(2)]
     assert sorted(map(len, seen)) == [50, 51] and not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {d for d, _ in pairs}
-    assert results[0]["pairs"] == 101
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])  # logged at step 0, synced over the ranks
+    assert metrics["val/sentences"] == 101 and metrics["val/bleu_sentences"] == 10  # lines 0, 11, ..., 99
 
 
 # ---- exact resume --------------------------------------------------------------------------------------------------
