@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import yaml
 
 from translator import checkpoint
-from translator.compare import perplexity, read_testset
+from translator.compare import read_testset
 from translator.data import TranslationDataModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
 from translator.translate import translate

@@ -136,7 +136,8 @@ class TimeToBleu(L.Callback):
 def eval_batches(data: str, split: str, dm: TranslationDataModule, max_tokens: int, limit: int | None,
                  device: torch.device) -> list[tuple[torch.Tensor, list[str]]]:
     stream = TokenBatches(load_pairs(data, split), dm.tokenizer, max_tokens=max_tokens, max_len=dm.hparams.max_len,
-                          pad_to_multiple=dm.hparams.pad_to_multiple, shuffle=False, passes=1, limit_pairs=limit)
+                          pad_to_multiple=dm.hparams.pad_to_multiple, shuffle=False, passes=1, limit_pairs=limit,
+                          evaluation=True)  # every line, as `translator test` scores it
     return [(b["src"].to(device), b["tgt_text"]) for b in stream]
 
 

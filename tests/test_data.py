@@ -23,7 +23,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
-from torchmetrics import SumMetric
 
 from translator.data import (
     ResumableDataLoader,
@@ -33,6 +32,7 @@ from translator.data import (
     round_up,
     token_budget_batches,
 )
+from translator.module import Seq2SeqModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -305,43 +305,89 @@ def test_parquet_hub_dataset_is_split_by_row_group(tmp_path: Path) -> None:
     assert all(shard in [pairs[i : i + 10] for i in range(0, 80, 10)] for shard in shards)  # whole row groups
 
 
-class _Recorder(L.LightningModule):
-    """Writes the pairs each rank validates on; counts them with a metric that syncs only at epoch end."""
+def with_bad_lines(pairs: Pairs) -> Pairs:
+    """Real pairs with over-long (source, target, both) and empty (source, target, both, blank) pairs injected."""
+    (d0, e0), (d1, e1) = pairs[0], pairs[1]
+    long_de, long_en = " ".join([d0] * 12), " ".join([e0] * 12)  # far over max_len=64 tokens
+    bad = [(long_de, long_en), (long_de, e1), (d1, long_en), ("", e1), (d1, ""), ("", ""), ("  ", " ")]
+    out = list(pairs)
+    for k, pair in enumerate(bad):
+        out.insert(7 + 11 * k, pair)
+    return out
+
+
+def test_evaluation_scores_every_line(tmp_path: Path, tokenizer: Tokenizer, tokenizer_file: Path) -> None:
+    """Validation/test batches hold every line of the split once, over 2 ranks x 2 workers: over-long pairs cut to
+    max_len (the text kept whole for BLEU, a cut target without eos) and flagged, empty pairs kept."""
+    pairs = with_bad_lines(raw_pairs("test_2016_flickr", 120))
+    data = write_parallel(tmp_path, "test", pairs)
+    max_len = 64
+    rows = []
+    for rank in range(2):
+        batches = TokenBatches(load_pairs(data, "test"), tokenizer, 1024, max_len, rank=rank, world_size=2,
+                               evaluation=True)  # fmt: skip
+        for b in DataLoader(batches, batch_size=None, num_workers=2):
+            assert b["num_pairs"] == len(pairs) and b["src"].numel() + b["tgt"].numel() <= 1024
+            for j, i in enumerate(b["index"]):
+                src, tgt = b["src"][j], b["tgt"][j]
+                rows.append((i, b["src_text"][j], b["tgt_text"][j], src[src != PAD_ID].tolist(),
+                             tgt[tgt != PAD_ID].tolist(), b["truncated"][j]))  # fmt: skip
+    assert sorted(r[0] for r in rows) == list(range(len(pairs)))  # every line, once
+    cut = 0
+    for i, src_text, tgt_text, src, tgt, truncated in rows:
+        d, e = (t.strip() for t in pairs[i])
+        assert (src_text, tgt_text) == (d, e)  # whole, for BLEU
+        (d_ids,), (e_ids,) = tokenizer.encode([d]), tokenizer.encode([e])
+        assert src == d_ids[:max_len]
+        assert tgt == [BOS_ID, *e_ids[:max_len], *([EOS_ID] if len(e_ids) <= max_len else [])]
+        assert truncated == (max(len(d_ids), len(e_ids)) > max_len)
+        cut += truncated
+    assert cut == 3 and sum(not r[3] for r in rows) == 3  # the injected pairs: 3 over-long, 3 empty sources
+
+    dm = TranslationDataModule(str(data), tokenizer=str(tokenizer_file), num_workers=0, max_tokens=1024, max_len=max_len)
+    dm.setup("test")
+    batches = list(dm.test_dataloader())
+    assert sorted(i for b in batches for i in b["index"]) == list(range(len(pairs)))
+    assert sum(sum(b["truncated"]) for b in batches) == 3
+
+
+class _Recorder(Seq2SeqModule):
+    """A tiny translation module that also writes the pairs each rank validates on."""
 
     def __init__(self, out_dir: str) -> None:
-        super().__init__()
+        super().__init__(preset="tiny", vocab_size=1000, warmup_steps=1, bleu_sentences=10)
         self.out_dir = out_dir
-        self.layer = torch.nn.Linear(1, 1)  # DDP needs a parameter
-        self.pairs = SumMetric()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with open(Path(self.out_dir) / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in batch["src_text"]))
-        self.pairs.update(len(batch["src_text"]))
-        self.log("pairs", self.pairs, on_step=False, on_epoch=True)  # computed (all-reduced) once, at epoch end
+        if not self.trainer.sanity_checking:
+            with open(Path(self.out_dir) / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
+                f.write("".join(t + "\n" for t in batch["src_text"]))
+        super().validation_step(batch, batch_idx)
 
 
-def test_ddp_uneven_validation_finishes_with_disjoint_shards(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_ddp_fit_with_uneven_validation_finishes_with_disjoint_shards(tmp_path: Path, tokenizer_file: Path) -> None:
+    """2-process `fit` (where Lightning wraps the model in DDP and training runs collectives) with a validation of
+    101 pairs, 51 and 50 per rank in different numbers of batches: it finishes, each pair is validated once, and the
+    metrics synced at epoch end cover all of them."""
     pairs = numbered(raw_pairs("val", 101))
     data = write_parallel(tmp_path / "data", "val", pairs)
+    write_parallel(data, "train", pairs)
     dm = TranslationDataModule(str(data), val_split="val", tokenizer=str(tokenizer_file), max_tokens=400, num_workers=0)
     # fork, not spawn: on CPU, spawn hands the module's tensors to both ranks in shared memory, so in-place metric
     # updates would add up across ranks. The timeout turns a hang into an error.
     strategy = DDPStrategy(start_method="fork", process_group_backend="gloo", timeout=timedelta(seconds=60))
     trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=3, val_check_interval=3,
+        check_val_every_n_epoch=None, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False,
-    )
-    results = trainer.validate(_Recorder(str(tmp_path)), datamodule=dm)
+    )  # fmt: skip
+    trainer.fit(_Recorder(str(tmp_path)), datamodule=dm)
     seen = [(tmp_path / f"rank{r}.txt").read_text(encoding="utf-8").splitlines() for r in range(2)]
     assert sorted(map(len, seen)) == [50, 51] and not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == {d for d, _ in pairs}
-    assert results[0]["pairs"] == 101
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])  # logged at step 0, synced over the ranks
+    assert metrics["val/sentences"] == 101 and metrics["val/bleu_sentences"] == 10  # lines 0, 11, ..., 99
 
 
 # ---- exact resume --------------------------------------------------------------------------------------------------
@@ -434,7 +480,8 @@ def test_datamodule_trains_tokenizer_once_and_links_sizes(tmp_path: Path, tokeni
     again.setup("fit")
     assert saved.stat().st_mtime_ns == stamp and again.tokenizer.vocab_size == 300
     batch = next(iter(again.val_dataloader()))
-    assert set(batch) == {"src", "tgt", "src_text", "tgt_text"} and batch["src"].max() < 300
+    assert set(batch) == {"src", "tgt", "src_text", "tgt_text", "index", "truncated", "num_pairs"}
+    assert batch["src"].max() < 300 and batch["num_pairs"] == 1014  # evaluation batches say where each row comes from
     assert TranslationDataModule(path=str(data), vocab_size=123, tokenizer=str(tokenizer_file)).vocab_size == 1000
     with pytest.raises(ValueError, match="max_tokens"):
         TranslationDataModule(max_tokens=100)

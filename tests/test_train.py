@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import MULTI30K
+import torch.nn.functional as F
+from conftest import MULTI30K, read_pairs
 from torch import nn
 
 from translator import checkpoint
 from translator.cli import main
 from translator.data import TranslationDataModule
-from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
+from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule, token_loss
 from translator.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +140,23 @@ def test_training_lowers_validation_perplexity(trained_seq2seq):
     _, _, before, after, _ = trained_seq2seq
     assert before["val/ppl"] > 300  # about the vocabulary size: an untrained model
     assert after["val/ppl"] < 0.1 * before["val/ppl"]
-    assert after["val/loss"] == pytest.approx(math.log(after["val/ppl"]), rel=1e-4)  # ppl = exp(token-mean loss)
+
+
+def test_validation_loss_is_the_mean_nll_over_every_target_token(trained_seq2seq):
+    """val/loss and val/ppl against the NLL recomputed here from the model's logits on the val batches, in float64,
+    summed over all target tokens and divided once (a mean of batch means, or a pad counted, would differ)."""
+    module, dm, _, after, _ = trained_seq2seq
+    nll, tokens = 0.0, 0
+    module.eval()
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            logits, target = module(batch["src"], batch["tgt"][:, :-1]).double(), batch["tgt"][:, 1:]
+            nll += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=0, reduction="sum").item()
+            tokens += int((target != 0).sum())
+    module.train()
+    assert tokens > 2000  # 200 val pairs
+    assert after["val/loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert after["val/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 
 
 def val_batch(dm: TranslationDataModule) -> dict:
@@ -188,6 +206,78 @@ def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(batch["src"], batch["tgt"][:, :-1]), module(batch["src"], batch["tgt"][:, :-1]))
     assert tokenizer.to_bytes() == module.tokenizer.to_bytes()
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+def write_split(root: Path, split: str, pairs: list[tuple[str, str]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for k, lang in enumerate(("de", "en")):
+        (root / f"{split}.{lang}").write_text("".join(p[k] + "\n" for p in pairs), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tested(monkeypatch) -> list[TranslationModule]:
+    """Collects the module of every `translator test` (TranslationModule.on_test_end)."""
+    seen: list[TranslationModule] = []
+    monkeypatch.setattr(TranslationModule, "on_test_end", lambda self: seen.append(self), raising=False)
+    return seen
+
+
+def test_test_scores_every_line_and_refuses_a_subset(checkpoints, tokenizer_file, tmp_path, monkeypatch, capsys,
+                                                     tested):  # fmt: skip
+    """`translator test` on real Multi30k test lines with over-long and empty pairs injected: every line is scored
+    (test/sentences), the over-long ones cut and counted (test/truncated); a BLEU over part of the split is refused in
+    one line unless --data.allow_partial_test."""
+    pairs = read_pairs("test_2016_flickr", 40)
+    long = (" ".join([pairs[0][0]] * 12), " ".join([pairs[0][1]] * 12))  # far over debug.yaml's max_len=64
+    pairs[5:5], pairs[20:20] = [long, ("", pairs[1][1]), (pairs[2][0], "")], [long, ("  ", "  "), long]
+    data = write_split(tmp_path / "data", "test", pairs)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["translator"])  # LightningCLI warns about pytest's own arguments
+    args = ["test", "--config", DEBUG, *data_args(tokenizer_file), "--data.path", str(data), "--data.test_split", "test",
+            "--ckpt_path", str(checkpoints["seq2seq"]), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main([*args, "--trainer.limit_test_batches", "1.0"])
+    metrics = tested[-1].trainer.callback_metrics
+    assert metrics["test/sentences"] == len(pairs) == 46 and metrics["test/truncated"] == 3
+    assert metrics["test/chrf"] > 0 and torch.isfinite(metrics["test/loss"])
+
+    partial = [*args, "--trainer.limit_test_batches", "1"]  # one batch: part of the split
+    with pytest.raises(SystemExit) as info:
+        main([*partial, "--data.allow_partial_test", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith("translator: error: ") and "of the 46 lines" in err[-1] and "allow_partial_test" in err[-1]
+    main([*partial, "--data.allow_partial_test", "true"])  # opted in (debug.yaml does, for its smoke runs)
+    assert 0 < tested[-1].trainer.callback_metrics["test/sentences"] < 46
+
+
+def test_validation_bleu_decodes_the_same_lines_spread_over_the_split(tokenizer_file):
+    """bleu_sentences=40 of the 1014 val lines: every 26th line by index (39 lines), so every length is sampled, the
+    same lines at every validation, not each batch's or rank's first (the shortest: batches are sorted by length)."""
+    dm = datamodule(tokenizer_file, limit_val_pairs=None)
+    module = Seq2SeqModule(preset="tiny", vocab_size=1000, bleu_sentences=40)
+    scored: list[list[str]] = []
+    bleu = module.val_metrics["bleu"]
+    update = bleu.update
+    bleu.update = lambda hyps, refs: (scored[-1].extend(refs), update(hyps, refs))
+    for _ in range(2):
+        scored.append([])
+        metrics = quiet_trainer().validate(module, datamodule=dm, verbose=False)[0]
+        assert metrics["val/bleu_sentences"] == len(scored[-1]) == 39 and metrics["val/sentences"] == 1014
+    references = [en for _, en in read_pairs("val", 1014)]
+    assert sorted(scored[0]) == sorted(scored[1]) == sorted(references[::26])
+    words = sorted(len(r.split()) for r in references)
+    chosen = [len(r.split()) for r in scored[0]]
+    assert min(chosen) <= words[len(words) // 10] and max(chosen) >= words[len(words) * 3 // 4]  # short and long
+
+
+def test_an_empty_source_translates_to_an_empty_line(trained_seq2seq):
+    module, dm, *_ = trained_seq2seq
+    src = val_batch(dm)["src"][:3]
+    alone = module.translate_ids(src)
+    src[1] = 0  # the middle row's source is empty: all pad
+    assert module.translate_ids(src) == [alone[0], "", alone[2]] and alone[1]
 
 
 # ---- optimiser and schedule --------------------------------------------------------------------------------------
@@ -250,8 +340,66 @@ def test_compiled_training_loss_and_gradients_equal_eager(cls):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    tokens = torch.tensor(12.5)  # DDP's normalisation (TranslationModule.training_loss): the count is a tensor input
+    torch.testing.assert_close(compiled._train_loss(src, tgt, tokens), eager._train_loss(src, tgt, tokens),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match="torch.compile mode"):
         cls(preset="tiny", vocab_size=100, compile="fast")
+
+
+def uneven_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two ranks' batches (src, tgt): 4 rows of 6 target tokens, and 2 rows of 3 and 1 (padded to 7)."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for rows, lengths in ((4, [7, 7, 7, 7]), (2, [4, 2])):
+        src, tgt = torch.randint(5, 100, (rows, 9), generator=g), torch.randint(5, 100, (rows, 8), generator=g)
+        tgt[:, 0] = 2
+        for r, n in enumerate(lengths):
+            tgt[r, n:] = 0
+        batches.append((src, tgt))
+    return batches
+
+
+def loss_module() -> Seq2SeqModule:
+    torch.manual_seed(0)
+    return Seq2SeqModule(preset="tiny", vocab_size=100, dropout=0.0, attn_dropout=0.0)
+
+
+def _ddp_loss_rank(rank: int, port: int, out: str) -> None:
+    """One rank of test_ddp_loss_is_the_mean_over_all_ranks_tokens: its loss and the DDP-averaged gradients."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        module = loss_module()
+        module.model = nn.parallel.DistributedDataParallel(module.model)  # averages gradients in backward
+        loss = module.training_loss(*uneven_batches()[rank])
+        loss.backward()
+        torch.save([loss.detach(), *(p.grad for p in module.parameters())], Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_loss_is_the_mean_over_all_ranks_tokens(tmp_path):
+    """2 gloo processes with batches of 24 and 4 target tokens: the gradients DDP averages are those of the mean over
+    all 28 tokens (not the mean of the two ranks' means), and the ranks' losses average to that mean. In one process
+    the loss is the batch's token mean, as before."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # spawn: a fork after torch.compile (an earlier test) can deadlock on inductor's worker threads
+    torch.multiprocessing.start_processes(_ddp_loss_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    module = loss_module()
+    (src0, tgt0), (src1, tgt1) = uneven_batches()
+    assert torch.equal(module.training_loss(src0, tgt0), token_loss(module.model, src0, tgt0, 0.1)[0])  # 1 process
+    tokens = torch.tensor(28.0)
+    assert (tgt0[:, 1:] != 0).sum() + (tgt1[:, 1:] != 0).sum() == tokens
+    mean = token_loss(module.model, src0, tgt0, 0.1, tokens)[0] + token_loss(module.model, src1, tgt1, 0.1, tokens)[0]
+    mean.backward()
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, mean.detach())
+    for rank in ranks:
+        for got, p in zip(rank[1:], module.parameters()):
+            torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -302,12 +450,12 @@ def last_val_row(metrics_csv: Path) -> dict[str, float]:
 
 def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, tmp_path, monkeypatch):
     """`translator fit` with 2 gloo processes, then validate its checkpoint in 1 process: the metrics the 2 ranks
-    synced over their disjoint shards of the val pairs equal the single process's over all of them."""
+    synced over their disjoint shards of the val pairs equal the single process's over all of them; BLEU over the
+    same 32 of the 64 lines (debug.yaml's bleu_sentences), chosen by line index whatever the world size."""
     steps = 100
-    no_limit = ["--model.init_args.bleu_sentences", "null"]  # a per-rank decode limit would differ by world size
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     ddp = subprocess.run(
-        [*translator_command(), "fit", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet,
+        [*translator_command(), "fit", "--config", DEBUG, *data_args(tokenizer_file), *quiet,
          "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", str(steps),
          "--trainer.val_check_interval", str(steps), "--trainer.num_sanity_val_steps", "0",
          "--trainer.logger.init_args.name", "ddp"],
@@ -325,11 +473,15 @@ def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, t
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    main(["validate", "--config", DEBUG, *data_args(tokenizer_file), *no_limit, *quiet, "--ckpt_path", str(ckpts[0]),
+    main(["validate", "--config", DEBUG, *data_args(tokenizer_file), *quiet, "--ckpt_path", str(ckpts[0]),
           "--trainer.logger.init_args.name", "single"])  # fmt: skip
     single = last_val_row(tmp_path / "checkpoints" / "single" / "metrics.csv")
 
-    assert set(synced) == set(single) == {"val/loss", "val/ppl", "val/bleu", "val/chrf"}
+    assert set(synced) == set(single) == {"val/loss", "val/ppl", "val/bleu", "val/chrf", "val/sentences",
+                                          "val/truncated", "val/bleu_sentences"}
+    for key in ("val/sentences", "val/truncated", "val/bleu_sentences"):
+        assert synced[key] == single[key], key
+    assert (single["val/sentences"], single["val/bleu_sentences"]) == (64, 32)
     assert synced["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
     assert synced["val/ppl"] == pytest.approx(single["val/ppl"], rel=1e-5)
     assert synced["val/bleu"] == pytest.approx(single["val/bleu"], rel=1e-6, abs=1e-9)

@@ -329,7 +329,7 @@ class TimeBoundProgressBar(TQDMProgressBar):
                            batch_idx: int) -> None:
         timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
         remaining = timer.time_remaining() if timer is not None else None
-        (t0, step0), steps = self._start, trainer.global_step - self._start[1]
+        t0, steps = self._start[0], trainer.global_step - self._start[1]
         if remaining is not None and steps > 0:
             total = batch_idx + 1 + round(max(remaining, 0.0) * steps / (time.monotonic() - t0))
             self.train_progress_bar.total = total if self._cap is None else min(total, self._cap)

@@ -230,12 +230,14 @@ def check_same_tokenizer(paths: list[str | os.PathLike]) -> tuple[Tokenizer, lis
 
 
 def perplexity(model: nn.Module, tokenizer: Tokenizer, sources: list[str], references: list[str],
-               batch_tokens: int = 4096) -> float:
+               batch_tokens: int = 4096, max_len: int | None = None) -> float:
     """exp(mean cross-entropy) over the non-pad target tokens `y1 .. yn <eos>` under teacher forcing, in float32,
-    without label smoothing: what training logs as `val/ppl`. Runs on the model's device."""
+    without label smoothing: what training logs as `val/ppl`. Runs on the model's device. With `max_len`, source and
+    target are cut to their first `max_len` tokens (a cut target has no eos), as the DataModule's validation does."""
     device = next(model.parameters()).device
-    src_ids = tokenizer.encode(sources)
-    tgt_ids = [[BOS_ID, *t, EOS_ID] for t in tokenizer.encode(references)]
+    whole = lambda ids: max_len is None or len(ids) <= max_len  # noqa: E731
+    src_ids = [s[:max_len] for s in tokenizer.encode(sources)]
+    tgt_ids = [[BOS_ID, *t[:max_len], *([EOS_ID] if whole(t) else [])] for t in tokenizer.encode(references)]
     nll, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     was_training = model.training
     model.eval()

@@ -9,6 +9,10 @@ Pipeline (one pass over a split)::
                                  a hub dataset's files in a shuffled order, interleaved
     TokenBatches                 per shard: fill a buffer of pairs, tokenize, drop pairs over max_len, sort by length,
                                  cut into batches of at most max_tokens padded tokens, shuffle the batch order (train)
+
+Evaluation (validation, test) scores every line instead: ``PairStream.numbered`` keeps empty pairs and each line's
+index, and ``TokenBatches(evaluation=True)`` cuts an over-long pair's ids to ``max_len`` (counted) instead of dropping
+it, so that ``test/bleu`` covers the whole split; see ``TokenBatches``.
     ResumableDataLoader          batch_size=None over TokenBatches; counts batches so that a run resumes exactly
 
 Prediction (``translator predict``) reads sentences, not pairs: ``SourceLines`` (the lines of a text file, blank ones
@@ -31,7 +35,9 @@ line. ``validation`` also finds local files named ``valid``/``dev``/``val``, as 
 Batch format (docs/design.md): ``src`` (B, S) and ``tgt`` (B, T+1) = ``<bos> y <eos>``, int64, right-padded with
 pad (0), S and T+1 rounded up to a multiple of ``pad_to_multiple``; plus ``src_text`` / ``tgt_text`` (list[str], B),
 the raw strings for sacreBLEU, in every split (one format). ``B * (S + T + 1) <= max_tokens`` always, and no pair has
-more than ``max_len`` sentence tokens (bos/eos not counted) on either side: longer pairs are dropped and counted.
+more than ``max_len`` sentence tokens (bos/eos not counted) on either side: longer training pairs are dropped and
+counted, longer evaluation pairs cut and counted. Evaluation batches also carry ``index`` (list[int], B: each row's
+line index in the split), ``truncated`` (list[bool], B) and ``num_pairs`` (int: the lines of the evaluated split).
 
 DDP, uneven shards and exact resume:
 
@@ -108,6 +114,16 @@ class PairStream:
         if self.kind == "parallel":  # the source file alone: one sentence per line
             return (line for _, line in _lines(self.streams[0], self.files[0]))
         return (src for src, _ in self._raw())
+
+    def numbered(self, index: int, num_shards: int, limit: int | None = None) -> Iterator[tuple[int, str, str]]:
+        """``(i, src, tgt)``, stripped, for pairs ``i = index, index + num_shards, ...`` of the first ``limit`` records
+        (all when None), empty pairs included: what an evaluation scores (every line, each with its line index).
+
+        Every reader reads the whole split and keeps its own lines, whatever the number of files: evaluation splits
+        are small, and the line index is what evaluation selects and counts by.
+        """
+        pairs = ((i, src.strip(), tgt.strip()) for i, (src, tgt) in enumerate(self._raw()))
+        return itertools.islice(itertools.islice(pairs, limit), index, None, num_shards)
 
     def shard(
         self, index: int, num_shards: int, limit: int | None = None, file_seed: Sequence[int] | None = None
@@ -400,17 +416,24 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_to_multiple: int = 1) -> torch.T
     return out
 
 
-Example = tuple[list[int], list[int], str, str]  # src ids, <bos> tgt ids <eos>, src text, tgt text
+Example = tuple[list[int], list[int], str, str, int, bool]
+"""src ids, tgt row (``<bos> y <eos>``; no eos when y was cut), src text, tgt text (both whole), line index in the split
+(evaluation; -1 in training), whether an id list was cut to max_len (evaluation)."""
 
 
-def collate(examples: Sequence[Example], pad_to_multiple: int = 1) -> Batch:
-    """Batch dict: src (B, S), tgt (B, T+1) int64 padded with 0; src_text, tgt_text list[str] (B)."""
-    return {
+def collate(examples: Sequence[Example], pad_to_multiple: int = 1, num_pairs: int | None = None) -> Batch:
+    """Batch dict: src (B, S), tgt (B, T+1) int64 padded with 0; src_text, tgt_text list[str] (B). With ``num_pairs``
+    (evaluation) also index (list[int], B: line indices in the split), truncated (list[bool], B) and num_pairs (int:
+    the number of lines in the evaluated split)."""
+    batch = {
         "src": pad_rows([e[0] for e in examples], pad_to_multiple),
         "tgt": pad_rows([e[1] for e in examples], pad_to_multiple),
         "src_text": [e[2] for e in examples],
         "tgt_text": [e[3] for e in examples],
     }
+    if num_pairs is not None:
+        batch.update(index=[e[4] for e in examples], truncated=[e[5] for e in examples], num_pairs=num_pairs)
+    return batch
 
 
 class TokenBatches(IterableDataset):
@@ -424,6 +447,11 @@ class TokenBatches(IterableDataset):
     equal-length pairs meet different partners each pass, and the batch order is shuffled; the generator is seeded
     with (seed, pass, shard). ``passes=None`` repeats forever (training). ``skip_batches`` (set by
     ResumableDataLoader) skips the first batches of the loader; each worker skips its own share without collating.
+
+    ``evaluation=True`` scores every line of the split (``PairStream.numbered``; line i to shard i as above): nothing is
+    dropped. Empty pairs stay (an empty source is an all-pad row); an id list over ``max_len`` is cut to its first
+    ``max_len`` ids (a cut target gets no eos) and counted, while ``src_text``/``tgt_text`` stay whole, so BLEU
+    scores the whole reference. Batches then carry ``index``, ``truncated`` and ``num_pairs`` (see ``collate``).
     """
 
     def __init__(
@@ -440,6 +468,7 @@ class TokenBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         limit_pairs: int | None = None,
+        evaluation: bool = False,
     ) -> None:
         super().__init__()
         check_budget(max_tokens, max_len, pad_to_multiple)
@@ -449,7 +478,18 @@ class TokenBatches(IterableDataset):
         self.max_tokens, self.max_len, self.pad_to_multiple = max_tokens, max_len, pad_to_multiple
         self.buffer_size, self.shuffle, self.passes, self.seed = buffer_size, shuffle, passes, seed
         self.rank, self.world_size, self.limit_pairs = rank, world_size, limit_pairs
+        self.evaluation = evaluation
         self.skip_batches = 0
+        self._num_pairs: int | None = None  # lines in the evaluated split, counted once
+        self._logged = False
+
+    def num_pairs(self) -> int:
+        """The number of lines an evaluation scores: the split's, or its first ``limit_pairs``."""
+        if self._num_pairs is None:
+            self._num_pairs = sum(1 for _ in self.pairs.numbered(0, 1, self.limit_pairs))
+            if self._num_pairs == 0:
+                raise ValueError(f"{self.pairs.where}: no pairs to evaluate")
+        return self._num_pairs
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -460,6 +500,7 @@ class TokenBatches(IterableDataset):
         worker = (worker + self.skip_batches) % workers
         shard, num_shards = self.rank * workers + worker, self.world_size * workers
         to_skip = len(range(worker, self.skip_batches, workers))
+        num_pairs = self.num_pairs() if self.evaluation else None
         for p in itertools.count() if self.passes is None else range(self.passes):
             rng = random.Random(f"{self.seed}/{p}/{shard}")  # str seeds hash with sha512: same in every process
             produced = 0
@@ -469,7 +510,7 @@ class TokenBatches(IterableDataset):
                 if to_skip:
                     to_skip -= 1
                     continue
-                yield collate(examples, self.pad_to_multiple)
+                yield collate(examples, self.pad_to_multiple, num_pairs)
             if produced == 0 and self.passes is None:  # an endless loop over nothing would hang the run
                 raise ValueError(
                     f"{self.pairs.where}: shard {shard} of {num_shards} (rank {self.rank}, worker {worker}) has no "
@@ -479,16 +520,23 @@ class TokenBatches(IterableDataset):
     def _pass(
         self, shard: int, num_shards: int, rng: random.Random, log_drops: bool, file_seed: tuple[int, int] | None
     ) -> Iterator[list[Example]]:
-        pairs = self.pairs.shard(shard, num_shards, self.limit_pairs, file_seed)
-        seen = dropped = 0
-        while chunk := list(itertools.islice(pairs, self.buffer_size)):
-            src_ids = self.tokenizer.encode([src for src, _ in chunk])
-            tgt_ids = self.tokenizer.encode([tgt for _, tgt in chunk])
-            examples = [
-                (s, [BOS_ID, *t, EOS_ID], src, tgt)
-                for (src, tgt), s, t in zip(chunk, src_ids, tgt_ids)
-                if 0 < len(s) <= self.max_len and 0 < len(t) <= self.max_len
-            ]
+        if self.evaluation:
+            lines = self.pairs.numbered(shard, num_shards, self.limit_pairs)
+        else:
+            lines = ((-1, src, tgt) for src, tgt in self.pairs.shard(shard, num_shards, self.limit_pairs, file_seed))
+        seen = dropped = truncated = 0
+        n = self.max_len
+        while chunk := list(itertools.islice(lines, self.buffer_size)):
+            src_ids = self.tokenizer.encode([src for _, src, _ in chunk])
+            tgt_ids = self.tokenizer.encode([tgt for _, _, tgt in chunk])
+            examples = []
+            for (i, src, tgt), s, t in zip(chunk, src_ids, tgt_ids):
+                if self.evaluation:
+                    cut = len(s) > n or len(t) > n
+                    truncated += cut
+                    examples.append((s[:n], [BOS_ID, *t[:n], *([EOS_ID] if len(t) <= n else [])], src, tgt, i, cut))
+                elif 0 < len(s) <= n and 0 < len(t) <= n:
+                    examples.append((s, [BOS_ID, *t, EOS_ID], src, tgt, i, False))
             seen, dropped = seen + len(chunk), dropped + len(chunk) - len(examples)
             if self.shuffle:
                 rng.shuffle(examples)
@@ -504,16 +552,17 @@ class TokenBatches(IterableDataset):
                 f"{self.pairs.where}: all {seen} pairs of shard {shard} are empty or over max_len={self.max_len} tokens"
             )
         if dropped and log_drops:
-            log.log(
-                logging.INFO if self.shuffle else logging.WARNING,  # evaluation scores no longer cover the whole split
+            log.info(
                 "%s, shard %d/%d: dropped %d of %d pairs over max_len=%d tokens (or empty once tokenized)",
-                self.pairs.where,
-                shard,
-                num_shards,
-                dropped,
-                seen,
-                self.max_len,
-            )
+                self.pairs.where, shard, num_shards, dropped, seen, self.max_len,
+            )  # fmt: skip
+        if truncated and not self._logged:  # once: every evaluation pass cuts the same lines
+            self._logged = True
+            log.warning(
+                "%s, shard %d/%d: %d of %d pairs over max_len=%d tokens are scored on their first %d tokens "
+                "(BLEU against the whole reference); counted as */truncated",
+                self.pairs.where, shard, num_shards, truncated, seen, n, n,
+            )  # fmt: skip
 
 
 class SourceBatches(IterableDataset):
@@ -612,6 +661,11 @@ class TranslationDataModule(L.LightningDataModule):
     Without ``tokenizer`` (a .model file), ``prepare_data`` trains a joint SentencePiece model on the train split
     once per node and saves it as ``tokenizer_dir/<name>-<vocab_size>-<hash of data and settings>.model``, reusing the
     file when present; ``setup`` loads it in every process. See the module docstring for sharding, DDP and resume.
+
+    Validation and test score every line of their split (``TokenBatches(evaluation=True)``); ``limit_val_pairs``
+    validates on the first lines only. ``translator test`` refuses to report scores over part of the test split
+    (e.g. under ``--trainer.limit_test_batches``): they are not comparable with anyone's; ``allow_partial_test=True``
+    reports them anyway.
     """
 
     def __init__(
@@ -634,6 +688,7 @@ class TranslationDataModule(L.LightningDataModule):
         seed: int = 0,
         pad_to_multiple: int = 8,
         limit_val_pairs: int | None = None,
+        allow_partial_test: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -751,6 +806,7 @@ class TranslationDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             limit_pairs=h.limit_val_pairs if role == "val" else None,
+            evaluation=not train,
         )
 
     def _eval_loader(self, role: str) -> DataLoader:

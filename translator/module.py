@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from translator import generate
 from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfig
@@ -33,15 +34,28 @@ CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def token_loss(model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy over the non-pad target tokens, and the logits (B, T, V).
+def token_loss(
+    model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy over the non-pad target tokens, and the logits (B, T, V): the mean over those tokens, or with
+    `tokens` (a 0-d tensor) their sum divided by it.
 
     src (B, S); tgt (B, T+1) = `<bos> y <eos>` padded: the model reads tgt[:, :-1] and predicts tgt[:, 1:].
     """
     logits = model(src, tgt[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing)
-    return loss, logits
+                           label_smoothing=label_smoothing, reduction="mean" if tokens is None else "sum")
+    return (loss if tokens is None else loss / tokens), logits
+
+
+def evaluation_metrics() -> nn.ModuleDict:
+    """One evaluation stage's metrics, each synced across ranks once, at epoch end: the token-weighted mean NLL (its
+    exp is the perplexity), sacreBLEU's BLEU and chrF, the sentences decoded for them, the lines scored, the lines cut
+    to max_len, and the number of lines in the split (the same in every batch)."""
+    return nn.ModuleDict({
+        "loss": MeanMetric(), "bleu": BLEU(), "chrf": CHRF(), "decoded": SumMetric(),
+        "sentences": SumMetric(), "truncated": SumMetric(), "lines": MaxMetric(),
+    })  # fmt: skip
 
 
 def _compiled(compile: bool | str, fn):
@@ -61,7 +75,9 @@ class TranslationModule(L.LightningModule):
             (`inverse_sqrt`) or cosine decay to zero at `max_steps` (`cosine`).
         label_smoothing, weight_decay: as usual; no decay on norms, biases and embeddings.
         bleu_every: compute greedy BLEU/chrF every n-th validation run (0: never).
-        bleu_sentences: decode at most this many validation sentences per rank for BLEU (None: all).
+        bleu_sentences: decode at most this many validation sentences for BLEU, in all (None: all), spread evenly over
+            the split: line i when ``i % ceil(lines / bleu_sentences) == 0``. The same lines at every validation, for
+            any number of ranks and in any batch order (evaluation batches carry each row's line index).
         test_beam_size: beam size for `translator test` and `translator predict` (1: greedy).
         compile: compile the training step's forward and loss with `torch.compile`: True (default mode) or a mode
             name; "reduce-overhead" adds CUDA graphs, one recording per batch shape (token-budget batches come in
@@ -102,6 +118,8 @@ class TranslationModule(L.LightningModule):
         super().__init__()
         if schedule not in ("inverse_sqrt", "cosine"):
             raise ValueError(f"schedule={schedule!r}: expected 'inverse_sqrt' or 'cosine'")
+        if bleu_sentences is not None and bleu_sentences < 1:
+            raise ValueError(f"bleu_sentences={bleu_sentences}: expected a positive number, or null for all")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: expected true, false or a torch.compile mode {COMPILE_MODES}")
         self.save_hyperparameters()
@@ -125,15 +143,12 @@ class TranslationModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None
         # a closure, not a module attribute: a second reference to the model as a child module would save every
         # weight twice in the checkpoint. self.model is looked up at each call, so a strategy that wraps it is followed
-        self._train_loss = _compiled(compile, lambda src, tgt: token_loss(self.model, src, tgt, label_smoothing)[0])
+        self._train_loss = _compiled(
+            compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens)[0]
+        )
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
-        # token-weighted mean NLL over target tokens; perplexity is its exp (one softmax, synced across ranks)
-        self.val_loss = MeanMetric()
-        self.val_bleu, self.val_chrf = BLEU(), CHRF()
-        self.test_loss = MeanMetric()
-        self.test_bleu, self.test_chrf = BLEU(), CHRF()
+        self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()
         self._val_runs = 0
-        self._decoded = 0
         self._signature_logged = False
         self._tokens, self._clock = 0, None
         self._elapsed, self._fit_start = 0.0, None  # training wall time, carried across resumes by the checkpoint
@@ -195,16 +210,35 @@ class TranslationModule(L.LightningModule):
             self._tokens += int((batch["src"] != PAD_ID).sum()) + int((batch["tgt"][:, 1:] != PAD_ID).sum())
         return batch
 
+    def training_loss(self, src: Tensor, tgt: Tensor) -> Tensor:
+        """This rank's training loss on a batch: src (B, S), tgt (B, T+1), as `token_loss`.
+
+        One process: the mean over the batch's target tokens. Under DDP, which averages the gradients of the W ranks:
+        the sum over this rank's target tokens divided by N / W, N the target tokens of all ranks' batches, so that the
+        average is the mean over all N tokens, as fairseq normalises. Each rank's own mean would weigh the tokens of a
+        rank with fewer of them more.
+        """
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        if world == 1:
+            return self._train_loss(src, tgt)
+        tokens = (tgt[:, 1:] != PAD_ID).sum().float()
+        # torch's all_reduce rather than the strategy's reduce, which adds a barrier: on NCCL this one runs on the GPU
+        # without a host sync. Outside the (maybe compiled) loss, which takes the count as a tensor input
+        torch.distributed.all_reduce(tokens)
+        return self._train_loss(src, tgt, tokens / world)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
-        loss = self._train_loss(batch["src"], batch["tgt"])
+        loss = self.training_loss(batch["src"], batch["tgt"])
         if self._cuda_graphs:
             loss = loss.clone()  # a graph output is overwritten by the next replay; Lightning keeps the loss longer
         # log only on logging steps: showing a tensor reads it back from the GPU, a host sync that stalls the queue
         if self.global_step % self.trainer.log_every_n_steps == 0:
             now = time.perf_counter()
-            self.log("train/loss", loss, prog_bar=True)
+            # averaged over ranks (a no-op in one process): under DDP that is the mean over all ranks' target tokens
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             self.log("train/elapsed_s", self._elapsed_s())
             if self._clock is not None:
                 self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
@@ -243,66 +277,94 @@ class TranslationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: dict[str, Any], loss_metric, bleu, chrf, decode: bool, beam: int):
+    def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, decode: Sequence[int], beam: int) -> None:
+        """Score a batch of ``TokenBatches(evaluation=True)``: the loss over every row, BLEU/chrF over the rows
+        ``decode`` (indices into the batch), translated with beam size ``beam``."""
         loss, _ = self._loss(batch, 0.0)
-        n = (batch["tgt"][:, 1:] != PAD_ID).sum()
-        loss_metric.update(loss, weight=n)
+        metrics["loss"].update(loss, weight=(batch["tgt"][:, 1:] != PAD_ID).sum())
+        metrics["sentences"].update(len(batch["index"]))
+        metrics["truncated"].update(sum(batch["truncated"]))
+        metrics["lines"].update(batch["num_pairs"])
         if decode:
-            hyps = self.translate_ids(batch["src"], beam)
-            bleu.update(hyps, batch["tgt_text"])
-            chrf.update(hyps, batch["tgt_text"])
-            self._decoded += len(hyps)
+            hyps = self.translate_ids(batch["src"][list(decode)], beam)
+            refs = [batch["tgt_text"][j] for j in decode]
+            metrics["bleu"].update(hyps, refs)
+            metrics["chrf"].update(hyps, refs)
+            metrics["decoded"].update(len(hyps))
 
     def translate_ids(self, src: Tensor, beam: int = 1) -> list[str]:
-        """Detokenised translations of a padded source batch (B, S)."""
+        """Detokenised translations of a padded source batch (B, S); an empty (all-pad) source translates to ''."""
+        lengths = (src != PAD_ID).sum(1).tolist()
+        rows = [i for i, n in enumerate(lengths) if n]
+        texts = [""] * len(lengths)
+        if not rows:
+            return texts
+        src = src[rows, : max(lengths)]  # (R, S') without the empty rows and the all-pad columns
         if beam <= 1:
             ids = generate.greedy(self.model, src)
         else:
             ids = [h[0].tokens for h in generate.beam_search(self.model, src, beam, self.hparams.length_penalty)]
-        return self.tokenizer.decode(ids)
+        for i, text in zip(rows, self.tokenizer.decode(ids)):
+            texts[i] = text
+        return texts
 
     def on_validation_epoch_start(self) -> None:
         self._val_runs += 1
-        self._decoded = 0
 
     def _bleu_due(self) -> bool:
         return self.hparams.bleu_every > 0 and self._val_runs % self.hparams.bleu_every == 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        limit = self.hparams.bleu_sentences
-        decode = self._bleu_due() and (limit is None or self._decoded < limit)
-        self._evaluate(batch, self.val_loss, self.val_bleu, self.val_chrf, decode, 1)
+        rows = []
+        if self._bleu_due():
+            # by line index, not by batch position: batches are sorted by length, so the first sentences seen are
+            # the shortest; a stride over the whole split is a fixed sample of every length, on any number of ranks
+            limit = self.hparams.bleu_sentences
+            stride = 1 if limit is None else -(-batch["num_pairs"] // limit)
+            rows = [j for j, i in enumerate(batch["index"]) if i % stride == 0]
+        self._evaluate(batch, self.val_metrics, rows, 1)
+
+    def _log_scores(self, stage: str, metrics: nn.ModuleDict) -> None:
+        loss = metrics["loss"].compute()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", loss.exp(), prog_bar=stage == "val")
+        self.log(f"{stage}/sentences", metrics["sentences"].compute())
+        self.log(f"{stage}/truncated", metrics["truncated"].compute())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp(), prog_bar=True)
-        self.val_loss.reset()
+        metrics = self.val_metrics
+        self._log_scores("val", metrics)
         if self._bleu_due():
-            self.log("val/bleu", self.val_bleu.compute(), prog_bar=True)
-            self.log("val/chrf", self.val_chrf.compute())
-            self._log_signature(self.val_bleu, self.val_chrf)
-        self.val_bleu.reset(), self.val_chrf.reset()
+            self.log("val/bleu", metrics["bleu"].compute(), prog_bar=True)
+            self.log("val/chrf", metrics["chrf"].compute())
+            self.log("val/bleu_sentences", metrics["decoded"].compute())
+            self._log_signature(metrics["bleu"], metrics["chrf"])
+        for metric in metrics.values():
+            metric.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        beam = self.hparams.test_beam_size
-        self._evaluate(batch, self.test_loss, self.test_bleu, self.test_chrf, True, beam)
+        self._evaluate(batch, self.test_metrics, range(len(batch["index"])), self.hparams.test_beam_size)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[tuple[int, str]]:
         """(line index, translation) per row of a ``translator.data.SourceBatches`` batch, beam ``test_beam_size``."""
-        src = batch["src"]  # (B, S); S == 0 for a batch of empty lines
-        texts = self.translate_ids(src, self.hparams.test_beam_size) if src.size(1) else [""] * src.size(0)
-        return list(zip(batch["index"], texts))
+        return list(zip(batch["index"], self.translate_ids(batch["src"], self.hparams.test_beam_size)))
 
     def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.log("test/loss", loss)
-        self.log("test/ppl", loss.exp())
-        for name, metric in [("bleu", self.test_bleu), ("chrf", self.test_chrf)]:
-            self.log(f"test/{name}", metric.compute())
+        metrics = self.test_metrics
+        scored, lines = int(metrics["sentences"].compute()), int(metrics["lines"].compute())
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if scored < lines and not getattr(datamodule, "hparams", {}).get("allow_partial_test", False):
+            # a BLEU over part of a test set is comparable with no one's (e.g. --trainer.limit_test_batches)
+            raise ValueError(
+                f"the test scored {scored} of the {lines} lines of its split, so test/bleu would cover a subset; "
+                "evaluate the whole split, or set --data.allow_partial_test true to report it anyway"
+            )
+        self._log_scores("test", metrics)
+        self.log("test/bleu", metrics["bleu"].compute())
+        self.log("test/chrf", metrics["chrf"].compute())
+        self._log_signature(metrics["bleu"], metrics["chrf"])
+        for metric in metrics.values():
             metric.reset()
-        self.test_loss.reset()
-        self._log_signature(self.test_bleu, self.test_chrf)
 
     def _log_signature(self, bleu, chrf) -> None:
         if not self._signature_logged and self.trainer.is_global_zero:
