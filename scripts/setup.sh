@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv with translator, its dependencies, the test tools and the optional extras the tests cover (CPU PyTorch 2.13.0 unless TORCH_SPEC says
-# otherwise, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
+# Create .venv with translator, its dependencies, the test tools and the optional extras the tests cover
+# (CPU PyTorch 2.13.0 unless TORCH_SPEC says otherwise, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
