@@ -1,0 +1,112 @@
+"""Translation from a directory written by `translator export`: CTranslate2, or ONNX Runtime through our own search.
+
+    engine = load("exported/")           # the format comes from the directory's translator.json
+    best = [hyps[0].text for hyps in engine.translate(["Ein Hund läuft."], beam=5)]
+
+Each engine's `translate` takes the arguments of `translator.translate.translate` (less the model and tokenizer) and
+returns the same n-best lists of `Translation`, in input order; empty sentences get one empty translation.
+
+- `CTranslate2Engine` runs CTranslate2's own search. Its length penalty is CTranslate2's, score / len**alpha (ours
+  defaults to GNMT's), and its scores are CTranslate2's. Sentences are batched with others of the same source length,
+  so that each gets our length cap, int(1.2 * source tokens + 10) target tokens, exactly (CTranslate2 takes one cap per
+  batch). Greedy search in float32 finds our tokens (tests/test_export.py).
+- `OnnxEngine` runs the exported graphs under ONNX Runtime behind the decode-step interface (`OnnxModel`), so the
+  search is `translator.generate.beam_search` itself: same hypotheses and scoring rules as the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from translator.tokenizer import Tokenizer
+from translator.translate import Translation, encode_sources
+
+MANIFEST = "translator.json"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The translator.json of an exported directory; FileNotFoundError/ValueError with one clear line."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a directory written by `translator export` (no {MANIFEST})")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON: {err}") from None
+
+
+def load(path: str | Path, threads: int = 0) -> CTranslate2Engine:
+    """The engine for an exported directory, by the format its translator.json names."""
+    manifest = read_manifest(path)
+    if manifest.get("format") == "ctranslate2":
+        return CTranslate2Engine(path, threads=threads)
+    raise ValueError(f"{Path(path) / MANIFEST}: unknown format {manifest.get('format')!r}")
+
+
+def _threads(threads: int) -> int:
+    """0: OMP_NUM_THREADS when set, else the engine's default (0)."""
+    return threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+
+class CTranslate2Engine:
+    """A CTranslate2 Translator (encoder-decoder) or Generator (decoder-only over `source <sep>`)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0) -> None:
+        import ctranslate2
+
+        self.path = Path(path)
+        self.manifest = read_manifest(path)
+        self.tokenizer = Tokenizer.from_file(self.path / self.manifest["sentencepiece"])
+        self.seq2seq = self.manifest["arch"] == "seq2seq"
+        runtime = ctranslate2.Translator if self.seq2seq else ctranslate2.Generator
+        self.model = runtime(str(path), device=device, compute_type=compute_type, intra_threads=_threads(threads))
+        self.sep = self.tokenizer.pieces([self.manifest["special_ids"]["sep"]])[0]
+
+    def max_length(self, n_source: int) -> int:
+        """generate.max_lengths' rule for one sentence: at most int(a * n + b) target tokens, eos not counted."""
+        rule = self.manifest["max_length"]
+        return int(rule["a"] * n_source + rule["b"])
+
+    def generate(self, sources: Sequence[Sequence[str]], beam: int, nbest: int, length_penalty: float,
+                 max_length: int) -> list[list[tuple[list[str], float]]]:
+        """Source pieces -> per sentence, the `nbest` (target pieces, score), for one length cap."""
+        options = dict(beam_size=beam, num_hypotheses=nbest, length_penalty=length_penalty, return_scores=True,
+                       suppress_sequences=[[p] for p in self.manifest["suppressed_pieces"]])
+        if self.seq2seq:
+            results = self.model.translate_batch(
+                [list(s) for s in sources], max_decoding_length=max_length, min_decoding_length=0,
+                max_input_length=0, **options)
+        else:
+            results = self.model.generate_batch(
+                [[*s, self.sep] for s in sources], max_length=max_length, min_length=0,
+                include_prompt_in_result=False, **options)
+        return [list(zip(r.hypotheses if self.seq2seq else r.sequences, r.scores)) for r in results]
+
+    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = 1.0,
+                  batch_tokens: int = 4096, max_input_tokens: int = 256) -> list[list[Translation]]:
+        """Like `translator.translate.translate`; batches hold sentences of one source length, under
+        `batch_tokens` source tokens."""
+        if beam < 1 or not 1 <= nbest <= beam:
+            raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
+        sources = encode_sources(self.tokenizer, sentences, max_input_tokens)
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, ids in enumerate(sources):
+            if ids:
+                by_length[len(ids)].append(i)
+        results: list[list[Translation]] = [[Translation([], 0.0, "")] for _ in sentences]
+        for n, members in sorted(by_length.items(), reverse=True):
+            rows = max(1, batch_tokens // n)
+            for start in range(0, len(members), rows):
+                batch = members[start:start + rows]
+                pieces = [self.tokenizer.pieces(sources[i]) for i in batch]
+                for i, hyps in zip(batch, self.generate(pieces, beam, nbest, length_penalty, self.max_length(n))):
+                    ids = [[self.tokenizer.sp.piece_to_id(p) for p in h] for h, _ in hyps]
+                    texts = self.tokenizer.decode(ids)
+                    results[i] = [Translation(t, s, text) for t, (_, s), text in zip(ids, hyps, texts)]
+        return results
+
