@@ -5,7 +5,12 @@ CLI for 400 steps (long enough that their greedy outputs differ from sentence to
 `translator export`; CTranslate2's greedy search on the exported directory alone must find our tokens for >= 98% of 100
 Multi30k validation sentences, and its per-token log-probs must equal ours. Every layer layout the converter maps
 (pre/post-LN, sinusoidal/learned/rotary positions, relu/gelu/swiglu, tied or not, scaled or not, biases or not) is
-checked on random weights. Tests that need ctranslate2 are skipped without it (the `serve` extra installs it).
+checked on random weights.
+
+ONNX: the same models and the prefix-LM (the causal model's weights with a bidirectional source) are exported as graphs;
+their logits, step by step through a beam-like reorder of the cache, must equal PyTorch's within LOGIT_TOL, and our
+beam search over them must find our hypotheses. Tests that need ctranslate2 or onnxruntime are skipped without them
+(the `serve` extra installs them).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from translator.seq2seq import Seq2SeqTransformer
 from translator.translate import translate
 
 needs_ct2 = pytest.mark.skipif(importlib.util.find_spec("ctranslate2") is None, reason="ctranslate2 not installed")
+needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnxscript")),
+                                reason="onnxruntime or onnxscript not installed")
 STEPS = 400
 LOGPROB_TOL = 1e-4  # float32 CTranslate2 against float32 PyTorch: observed ~1e-6
+LOGIT_TOL = 1e-4  # float32 ONNX Runtime against float32 PyTorch, logits of magnitude ~5: observed ~4e-6
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------------
@@ -182,6 +190,8 @@ def test_bad_export_requests_are_one_line_and_exit_2(trained, tmp_path):
         "unknown format": (["--checkpoint", str(trained["seq2seq"]), "--format", "tflite", "--out", out], "tflite"),
         "bad quantization": (["--checkpoint", str(trained["seq2seq"]), "--format", "ctranslate2", "--quantization",
                               "int4", "--out", out], "int4"),
+        "quantized onnx": (["--checkpoint", str(trained["seq2seq"]), "--format", "onnx", "--quantization", "int8",
+                            "--out", out], "--quantization"),
         "no checkpoint": (["--format", "onnx", "--out", out], "--checkpoint"),
     }
     for name, (args, expected) in cases.items():
@@ -190,3 +200,67 @@ def test_bad_export_requests_are_one_line_and_exit_2(trained, tmp_path):
         assert err.count("\n") == 1 and err.startswith("translator: error: "), (name, err)
         assert expected in err, (name, err)
     assert not Path(out).exists()
+
+
+# ---- ONNX --------------------------------------------------------------------------------------------------------
+def assert_steps_match(model, onnx_model, src: torch.Tensor, tgt: torch.Tensor) -> None:
+    """Teacher-forced decoding of tgt after src, step by step, with a beam-like reorder of the rows after step 3:
+    the ONNX graphs' logits equal the model's within LOGIT_TOL at every step (seq2seq: from an empty cache)."""
+    with torch.no_grad():
+        ours, theirs = model.init_state(src), onnx_model.init_state(src)
+        for t in range(tgt.size(1)):
+            tokens = torch.full((src.size(0), 1), model.start_id) if t == 0 else tgt[:, t - 1:t]
+            expected = model.decode_step(tokens, ours)
+            torch.testing.assert_close(onnx_model.decode_step(tokens, theirs), expected, atol=LOGIT_TOL, rtol=0)
+            if t == 3:
+                index = torch.tensor([3, 1, 1, 0, *range(4, src.size(0))])
+                ours.reorder(index)
+                theirs.reorder(index)
+
+
+@needs_onnx
+@pytest.mark.parametrize("arch", ["seq2seq", "causal", "prefix_lm"])
+def test_onnx_graphs_give_our_logits_and_our_beam_search(arch, trained, val_sources, tmp_path):
+    from translator.engines import OnnxModel, load
+    from translator.translate import pad
+
+    ckpt = trained["seq2seq" if arch == "seq2seq" else "causal"]
+    if arch == "prefix_lm":
+        ckpt = variant(ckpt, tmp_path / "prefix_lm.ckpt", prefix_mode="bidirectional")
+    out = exported(ckpt, tmp_path / "onnx", "onnx")
+    assert {"init.onnx", "step.onnx", "sentencepiece.model", "translator.json"} <= {p.name for p in out.iterdir()}
+    model, tokenizer, _ = checkpoint.load(ckpt)
+    pairs = read_pairs("val", 16)
+    src, tgt = (pad(tokenizer.encode(list(side))) for side in zip(*pairs))
+    assert_steps_match(model, OnnxModel(out, threads=1), src, tgt)
+
+    sentences = val_sources[:40]
+    ours = translate(model, tokenizer, sentences, beam=5, nbest=2)
+    theirs = load(out, threads=1).translate(sentences, beam=5, nbest=2)  # generate.beam_search over the graphs
+    for a, b in zip(ours, theirs):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+@needs_onnx
+@pytest.mark.parametrize("arch", ["seq2seq", "decoder_only"])
+def test_onnx_export_of_other_layouts(arch, tokenizer, tmp_path):
+    """RoPE, swiglu, post-LN without biases (seq2seq); the prefix-LM with RoPE restarting at <sep>, segment
+    embeddings and gelu (decoder-only, which CTranslate2 cannot express): random weights, logits as PyTorch's."""
+    from translator.engines import OnnxModel
+    from translator.onnx_export import export_onnx
+    from translator.translate import pad
+
+    torch.manual_seed(0)
+    if arch == "seq2seq":
+        model = Seq2SeqTransformer(Seq2SeqConfig.preset(
+            "tiny", vocab_size=tokenizer.vocab_size, positions="rope", activation="swiglu", norm_first=False,
+            bias=False, n_decoder_layers=2))
+    else:
+        model = DecoderOnlyTransformer(DecoderOnlyConfig.preset(
+            "tiny", vocab_size=tokenizer.vocab_size, positions="rope", rope_restart=True, segment_embeddings=True,
+            activation="gelu"))
+    out = export_onnx(model.eval(), tokenizer, tmp_path / "onnx")
+    pairs = read_pairs("val", 4)
+    src, tgt = (pad(tokenizer.encode(list(side))) for side in zip(*pairs))
+    assert_steps_match(model, OnnxModel(out, threads=1), src, tgt)

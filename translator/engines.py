@@ -23,8 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from translator.layers import DecodeState, KVCache, LayerCache
 from translator.tokenizer import Tokenizer
-from translator.translate import Translation, encode_sources
+from translator.translate import Translation, encode_sources, translate
 
 MANIFEST = "translator.json"
 
@@ -40,11 +43,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{file}: not valid JSON: {err}") from None
 
 
-def load(path: str | Path, threads: int = 0) -> CTranslate2Engine:
+def load(path: str | Path, threads: int = 0) -> CTranslate2Engine | OnnxEngine:
     """The engine for an exported directory, by the format its translator.json names."""
     manifest = read_manifest(path)
     if manifest.get("format") == "ctranslate2":
         return CTranslate2Engine(path, threads=threads)
+    if manifest.get("format") == "onnx":
+        return OnnxEngine(path, threads=threads)
     raise ValueError(f"{Path(path) / MANIFEST}: unknown format {manifest.get('format')!r}")
 
 
@@ -110,3 +115,68 @@ class CTranslate2Engine:
                     results[i] = [Translation(t, s, text) for t, (_, s), text in zip(ids, hyps, texts)]
         return results
 
+
+# ---- ONNX Runtime ------------------------------------------------------------------------------------------------
+class OnnxModel:
+    """The decode-step interface (docs/design.md) over the graphs of `translator export --format onnx`.
+
+    The state is the models' own `DecodeState`, holding the caches that the graphs take and return, so its
+    `reorder` serves the searches unchanged; tensors cross to ONNX Runtime as numpy arrays (no copy on CPU).
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        from translator import checkpoint
+
+        self.path = Path(path)
+        self.manifest = read_manifest(path)
+        config_class, _ = checkpoint.ARCHS[self.manifest["arch"]]
+        self.config = config_class(**self.manifest["model"])
+        self.start_id = self.manifest["start_id"]
+        self.seq2seq = self.manifest["arch"] == "seq2seq"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _threads(threads)
+        graphs = self.manifest["graphs"]
+        self.init = ort.InferenceSession(str(self.path / graphs["init"]), options, providers=["CPUExecutionProvider"])
+        self.step = ort.InferenceSession(str(self.path / graphs["step"]), options, providers=["CPUExecutionProvider"])
+        self.n_layers = len(graphs["step_outputs"]) // 2
+
+    def init_state(self, src: torch.Tensor) -> DecodeState:
+        """src (B, S) -> the state after the source: cross K/V (seq2seq) or the prefilled prefix (decoder-only)."""
+        out = [torch.from_numpy(a) for a in self.init.run(None, {"src": src.numpy()})]
+        pairs = [KVCache(out[2 * i], out[2 * i + 1]) for i in range(self.n_layers)]
+        key_pad = src == self.config.pad_id
+        if self.seq2seq:
+            B, nh, _, hs = out[0].shape
+            empty = out[0].new_zeros(B, nh, 0, hs)
+            layers = [LayerCache(KVCache(empty, empty), cross) for cross in pairs]
+            return DecodeState(layers, key_pad, torch.zeros_like(src[:, 0]))
+        pos = torch.zeros_like(src[:, 0]) if self.config.rope_restart else (~key_pad).sum(1)
+        return DecodeState([LayerCache(self_kv) for self_kv in pairs], key_pad, pos, prefix_len=src.size(1))
+
+    def decode_step(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """tokens (B, 1) -> logits (B, 1, V); the state's caches grow by one."""
+        feed = {"tokens": tokens.numpy(), "pos": state.pos.numpy(), "key_pad": state.key_pad.numpy()}
+        for i, layer in enumerate(state.layers):
+            feed[f"k{i}"], feed[f"v{i}"] = layer.self_kv.k.numpy(), layer.self_kv.v.numpy()
+            if self.seq2seq:
+                feed[f"cross_k{i}"], feed[f"cross_v{i}"] = layer.cross_kv.k.numpy(), layer.cross_kv.v.numpy()
+        logits, *kv = (torch.from_numpy(a) for a in self.step.run(None, feed))
+        for i, layer in enumerate(state.layers):
+            layer.self_kv.k, layer.self_kv.v = kv[2 * i], kv[2 * i + 1]
+        state.advance(1)
+        return logits[:, None]
+
+
+class OnnxEngine:
+    """`translator.translate.translate` over an `OnnxModel`: our own searches, ONNX Runtime's arithmetic."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        self.model = OnnxModel(path, threads)
+        self.tokenizer = Tokenizer.from_file(self.model.path / self.model.manifest["sentencepiece"])
+
+    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = 1.0,
+                  batch_tokens: int = 4096, max_input_tokens: int = 256) -> list[list[Translation]]:
+        return translate(self.model, self.tokenizer, sentences, beam=beam, nbest=nbest, length_penalty=length_penalty,
+                         batch_tokens=batch_tokens, max_input_tokens=max_input_tokens)

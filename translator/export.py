@@ -22,6 +22,7 @@ through `translator.generate`'s beam search.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -247,6 +248,8 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, quantization: str | None
         if reason is not None:
             raise ExportError(f"{ckpt}: CTranslate2 cannot express {reason}; export it with --format onnx instead")
         return export_ctranslate2(model, tokenizer, out, quantization or "float32", source=str(ckpt))
+    if any(importlib.util.find_spec(package) is None for package in ("onnx", "onnxscript")):
+        raise ExportError("--format onnx needs the onnx and onnxscript packages: pip install 'translator[serve]'")
     from translator.onnx_export import export_onnx
 
     return export_onnx(model, tokenizer, out, source=str(ckpt))
