@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MODULES, fit_tiny, read_pairs
+from conftest import MODULES, fit_tiny, load_script, read_pairs
 
 from translator import checkpoint
 from translator.cli import main
@@ -264,3 +264,49 @@ def test_onnx_export_of_other_layouts(arch, tokenizer, tmp_path):
     pairs = read_pairs("val", 4)
     src, tgt = (pad(tokenizer.encode(list(side))) for side in zip(*pairs))
     assert_steps_match(model, OnnxModel(out, threads=1), src, tgt)
+
+
+# ---- scripts/translate.py --engine -------------------------------------------------------------------------------
+def script_output(capsys, *argv: str) -> str:
+    assert load_script("translate").main(list(argv)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@needs_ct2
+def test_translate_script_ctranslate2_engine_one_line_in_one_line_out(trained, tmp_path, capsys):
+    out = exported(trained["seq2seq"], tmp_path / "ct2")
+    sentence = "Ein Mann fährt mit dem Fahrrad durch die Stadt."
+    torch_line = script_output(capsys, "--checkpoint", str(trained["seq2seq"]), "--beam", "1", sentence)
+    ct2_line = script_output(capsys, "--model", str(out), "--beam", "1", sentence)  # engine: the directory's format
+    assert ct2_line == torch_line and ct2_line.count("\n") == 1 and ct2_line.strip()
+    nbest = script_output(capsys, "--model", str(out), "--engine", "ctranslate2", "--beam", "4", "--nbest", "2",
+                          sentence, "Eine Frau.")
+    rows = [line.split("\t") for line in nbest.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert all(len(r) == 4 and float(r[2]) <= 0 for r in rows)
+
+
+@needs_onnx
+def test_translate_script_onnx_engine_exports_on_the_fly_and_matches_torch(trained, tmp_path, capsys):
+    src = tmp_path / "in.de"
+    src.write_text("Ein Hund läuft im Schnee.\n\nZwei Männer spielen Fußball.\n", encoding="utf-8")
+    ckpt = str(trained["causal"])
+    torch_out = script_output(capsys, "--checkpoint", ckpt, "--input", str(src), "--nbest", "2")
+    onnx_out = script_output(capsys, "--checkpoint", ckpt, "--engine", "onnx", "--input", str(src), "--nbest", "2")
+    assert onnx_out == torch_out and len(onnx_out.splitlines()) == 5  # 2 + 1 (the empty line) + 2 rows
+
+
+@needs_ct2
+def test_translate_script_engine_errors(trained, tmp_path, capsys):
+    script = load_script("translate")
+    out = exported(trained["seq2seq"], tmp_path / "ct2")
+    assert script.main(["--model", str(out), "--engine", "onnx", "Ein Hund."]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a ctranslate2 export, not onnx" in err
+    assert script.main(["--model", str(tmp_path), "Ein Hund."]) == 2
+    assert "not a directory written by `translator export`" in capsys.readouterr().err
+    for argv in (["--model", str(out), "--static", "a"], ["--model", str(out), "--engine", "torch", "a"],
+                 ["--checkpoint", "x.ckpt", "--model", str(out), "a"]):
+        with pytest.raises(SystemExit) as info:
+            script.main(argv)
+        assert info.value.code == 2 and "usage:" in capsys.readouterr().err

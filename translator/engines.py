@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 
+from translator.export import MANIFEST
 from translator.layers import DecodeState, KVCache, LayerCache
 from translator.tokenizer import Tokenizer
 from translator.translate import Translation, encode_sources, translate
-
-MANIFEST = "translator.json"
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

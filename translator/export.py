@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from translator import checkpoint
@@ -135,8 +134,12 @@ def _set_inputs(spec, model: nn.Module, embedding: nn.Embedding) -> None:
 
 def ctranslate2_spec(model: nn.Module, tokenizer: Tokenizer):
     """The CTranslate2 ModelSpec of a translator model (validated, not yet quantized)."""
-    from ctranslate2.specs import TransformerDecoderModelSpec, TransformerDecoderSpec, TransformerEncoderSpec
-    from ctranslate2.specs import TransformerSpec
+    from ctranslate2.specs import (
+        TransformerDecoderModelSpec,
+        TransformerDecoderSpec,
+        TransformerEncoderSpec,
+        TransformerSpec,
+    )
 
     reason = ctranslate2_unsupported(model)
     if reason is not None:
@@ -185,7 +188,7 @@ def export_ctranslate2(model: nn.Module, tokenizer: Tokenizer, out: str | Path, 
         raise ExportError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     spec = ctranslate2_spec(model, tokenizer)
     spec.optimize(quantization=quantization)
-    out = _empty_dir(out)
+    out = empty_dir(out)
     spec.save(str(out))
     seq2seq = isinstance(model, Seq2SeqTransformer)
     usage = (
@@ -197,12 +200,12 @@ def export_ctranslate2(model: nn.Module, tokenizer: Tokenizer, out: str | Path, 
         "beam_size=5, max_length=int(1.2 * len(source) + 10), min_length=0, suppress_sequences=[['<pad>'], ['<s>'], "
         "['<sep>']]); the prompt is `source <sep>`, the result is the target"
     )
-    _write_bundle(out, model, tokenizer, "ctranslate2", source, quantization=quantization, usage=usage)
+    write_bundle(out, model, tokenizer, "ctranslate2", source, quantization=quantization, usage=usage)
     return out
 
 
 # ---- the bundle --------------------------------------------------------------------------------------------------
-def _empty_dir(out: str | Path) -> Path:
+def empty_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty directory; choose a new one")
@@ -210,7 +213,7 @@ def _empty_dir(out: str | Path) -> Path:
     return out
 
 
-def _write_bundle(out: Path, model: nn.Module, tokenizer: Tokenizer, fmt: str, source: str, **extra: Any) -> None:
+def write_bundle(out: Path, model: nn.Module, tokenizer: Tokenizer, fmt: str, source: str, **extra: Any) -> None:
     """The tokenizer and translator.json next to the model files."""
     cfg = model.config
     tokenizer.save(out / SENTENCEPIECE)

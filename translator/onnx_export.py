@@ -1,9 +1,12 @@
 """`translator export --format onnx`: the decode-step interface (docs/design.md) as two ONNX graphs.
 
-| graph | inputs | outputs |
-|---|---|---|
-| `init.onnx` | `src` (B, S) int64, right-padded | seq2seq: `cross_k{i}`, `cross_v{i}` (B, nh, S, hs), the encoder's cross-attention K/V per decoder layer; decoder-only: `k{i}`, `v{i}` (B, nh, S, hs), the source prefix's self-attention cache |
-| `step.onnx` | `tokens` (B, 1) int64, `pos` (B,) int64 (the token's position id), `key_pad` (B, S) bool (True at source pads), `k{i}`, `v{i}` (B, nh, L, hs) the self-attention cache so far (seq2seq: L = 0 at the first step), and for seq2seq `cross_k{i}`, `cross_v{i}` | `logits` (B, V) of the next token, `new_k{i}`, `new_v{i}` (B, nh, L+1, hs) |
+- `init.onnx`: `src` (B, S) int64, right-padded -> seq2seq: `cross_k{i}`, `cross_v{i}` (B, nh, S, hs), the
+  cross-attention K/V of each decoder layer; decoder-only: `k{i}`, `v{i}` (B, nh, S, hs), the source prefix's
+  self-attention cache.
+- `step.onnx`: `tokens` (B, 1) int64, `pos` (B,) int64 (the token's position id), `key_pad` (B, S) bool (True at
+  source pads), `k{i}`, `v{i}` (B, nh, L, hs) the self-attention cache so far (seq2seq: L = 0 at the first step),
+  and for seq2seq `cross_k{i}`, `cross_v{i}` -> `logits` (B, V) of the next token, `new_k{i}`, `new_v{i}`
+  (B, nh, L+1, hs).
 
 The graphs are traced from the model's own modules (`Block`, `Positions`, `Attention`) by `torch.onnx.export(...,
 dynamo=True)` with dynamic batch, source and cache lengths; position tables are grown to `max_positions` first, so a
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from translator.decoder_only import DecoderOnlyTransformer
+from translator.export import empty_dir, write_bundle
 from translator.layers import KVCache, LayerCache
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import Tokenizer
@@ -93,8 +97,6 @@ def graph_names(model: nn.Module) -> dict[str, list[str]]:
 
 def export_onnx(model: nn.Module, tokenizer: Tokenizer, out: str | Path, source: str = "") -> Path:
     """Write init.onnx and step.onnx (float32), the tokenizer and translator.json to a new directory `out`."""
-    from translator.export import _empty_dir, _write_bundle  # the shared bundle; export.py imports us lazily
-
     if not isinstance(model, (Seq2SeqTransformer, DecoderOnlyTransformer)):
         raise TypeError(f"not a translator model: {type(model).__name__}")
     model = model.float().eval()
@@ -115,7 +117,7 @@ def export_onnx(model: nn.Module, tokenizer: Tokenizer, out: str | Path, source:
     # dynamic dimensions, shaped like the arguments (StepGraph's *caches are one tuple)
     caches_shapes = tuple([{0: B, 2: L}] * len(kv) + [{0: B, 2: S}] * len(cross))
     step_shapes = ({0: B}, {0: B}, {0: B, 1: S}, caches_shapes)
-    out = _empty_dir(out)
+    out = empty_dir(out)
     graphs = [("init.onnx", InitGraph(model).eval(), (src,), ({0: B, 1: S},), "init"),
               ("step.onnx", StepGraph(model).eval(), step_args, step_shapes, "step")]
     for filename, graph, args, shapes, prefix in graphs:
@@ -126,6 +128,6 @@ def export_onnx(model: nn.Module, tokenizer: Tokenizer, out: str | Path, source:
         )
     usage = ("onnxruntime: run init.onnx on the right-padded source, then step.onnx once per token from start_id, "
              "feeding back new_k*/new_v* as k*/v*; translator.engines.OnnxModel does this for translator.generate")
-    _write_bundle(out, model, tokenizer, "onnx", source, graphs={"init": "init.onnx", "step": "step.onnx", **names},
+    write_bundle(out, model, tokenizer, "onnx", source, graphs={"init": "init.onnx", "step": "step.onnx", **names},
                   usage=usage)
     return out
