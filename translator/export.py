@@ -9,8 +9,8 @@ architecture, the special ids, the model config and how to call the model, so th
 
 CTranslate2: the converter builds the model with CTranslate2's own spec API (`TransformerSpec` for the
 encoder-decoder, `TransformerDecoderModelSpec` for the causal decoder-only) from our weights: pre-/post-LN, learned
-and sinusoidal positions (exported as a table: CTranslate2's built-in sinusoids are laid out [sin | cos] from position
-1, ours interleave sin and cos from position 0), RoPE (rotate-half layout), relu/gelu/swiglu, the sqrt(d) embedding
+and sinusoidal positions (exported as a table of `max_positions` rows, which bounds the sequence length there:
+CTranslate2's built-in sinusoids are laid out [sin | cos] from position 1, ours interleave sin and cos from 0), RoPE (rotate-half layout), relu/gelu/swiglu, the sqrt(d) embedding
 scale and tied embeddings. What it cannot express (the prefix-LM's bidirectional source, segment embeddings, RoPE
 positions that restart at <sep>) is refused with one line naming it; export those with `--format onnx`.
 
