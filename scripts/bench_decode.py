@@ -11,6 +11,8 @@ Two kinds of rows:
 * Trained models (``--checkpoint``, either architecture): ``generate.greedy`` / ``generate.beam_search`` on the
   test sources with their real stopping rule (eos, or ``int(1.2 * source length + 10)`` tokens), and the whole
   ``translate.translate()`` path (tokenise, batch, search, detokenise), with BLEU against ``--ref``.
+* On the CPU, the same checkpoints exported to CTranslate2 (``--ctranslate2 float32 int8``, the default), run end to
+  end through ``translator.engines.CTranslate2Engine``: same sentences, beams and BLEU as the ``translate()`` rows.
 * The comparison with Hugging Face, always on randomly initialised models of the same size and configuration:
   ours (``Seq2SeqTransformer`` / ``DecoderOnlyTransformer``, preset ``--preset`` or the checkpoint's config) against
   ``MarianMTModel`` / ``GPT2LMHeadModel`` (built as in ``bench_train.hf_model``). Fairness rule: **both sides run
@@ -141,7 +143,44 @@ def checkpoint_rows(path: str, sentences: list[str], refs: list[str] | None, arg
         score = sacrebleu.corpus_bleu([t[0].text for t in out], [refs]).score if refs else None
         rows.append(row(name, arch, f"translate() beam{beam}", "eos or 1.2*src+10, end to end", len(sentences),
                         n_tok, secs, bleu=score))
+    if device.type == "cpu" and args.ctranslate2:
+        rows += ctranslate2_rows(path, model, tokenizer, sentences, refs, args)
     return rows, model, tokenizer, arch
+
+
+def ctranslate2_rows(path: str, model: nn.Module, tokenizer: Tokenizer, sentences: list[str], refs: list[str] | None,
+                     args) -> list[dict]:
+    """The checkpoint through `translator export --format ctranslate2` at each `--ctranslate2` quantization, run end
+    to end by `engines.CTranslate2Engine` (tokenise, CTranslate2's own search, detokenise) on as many threads as
+    torch uses: the same sentences and beams as the translate() rows. CTranslate2's length penalty is score / len**1
+    (ours: GNMT's), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
+    cannot express (the prefix-LM) or without the ctranslate2 package."""
+    import importlib.util
+    import tempfile
+
+    from translator.engines import CTranslate2Engine
+    from translator.export import ctranslate2_unsupported, export_ctranslate2
+
+    reason = ctranslate2_unsupported(model)
+    if importlib.util.find_spec("ctranslate2") is None or reason is not None:
+        log.warning("%s: no CTranslate2 rows: %s", path, reason or "ctranslate2 is not installed (the serve extra)")
+        return []
+    arch = "seq2seq" if hasattr(model, "encoder") else "decoder_only"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
+        for quantization in args.ctranslate2:
+            out = export_ctranslate2(model, tokenizer, Path(tmp) / quantization, quantization, source=path)
+            engine = CTranslate2Engine(out, threads=torch.get_num_threads())
+            engine.translate(sentences[:8], beam=max(args.beams))  # warm-up, untimed
+            for beam in args.beams:
+                start = time.perf_counter()
+                res = engine.translate(sentences, beam=beam, batch_tokens=args.batch_tokens)
+                secs = time.perf_counter() - start
+                n_tok = sum(len(t[0].tokens) + 1 for t in res)
+                score = sacrebleu.corpus_bleu([t[0].text for t in res], [refs]).score if refs else None
+                rows.append(row(f"ctranslate2 {quantization}:{Path(path).name}", arch, f"translate() beam{beam}",
+                                "eos or 1.2*src+10, end to end", len(sentences), n_tok, secs, bleu=score))
+    return rows
 
 
 # ---- the fixed-length comparison with Hugging Face ---------------------------------------------------------------
@@ -268,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--static", nargs="+", type=lambda v: {"no": False, "yes": True}[v], default=[False, True],
                    metavar="{no,yes}", help="our search dynamic (no), static (yes: CUDA graphs on a GPU), or both")
     p.add_argument("--no-hf", action="store_true", help="skip the HF comparison")
+    p.add_argument("--ctranslate2", nargs="*", default=["float32", "int8"], metavar="QUANT",
+                   help="on --device cpu, also run each checkpoint exported to CTranslate2 at these quantizations "
+                        "(none: skip; needs the serve extra)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if any(b < 1 for b in args.beams) or args.batch_tokens < 1 or (args.limit is not None and args.limit < 1):

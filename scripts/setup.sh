@@ -9,4 +9,4 @@ python=${PYTHON:-python3}
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q --disable-pip-version-check ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,bench,serve]"

@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""Translate German sentences with a trained translator checkpoint (either architecture).
+"""Translate German sentences with a trained translator checkpoint (either architecture), in PyTorch, CTranslate2 or
+ONNX Runtime.
 
     python scripts/translate.py --checkpoint checkpoints/encdec/last.ckpt "Ein Hund läuft durch den Schnee."
     python scripts/translate.py --checkpoint CKPT --input test.de.gz --reference test.en.gz --output out.en
     zcat test.de.gz | python scripts/translate.py --checkpoint CKPT --nbest 3 > nbest.tsv
+    translator export --checkpoint CKPT --format ctranslate2 --quantization int8 --out ct2/
+    python scripts/translate.py --model ct2/ --input test.de.gz      # the engine is the directory's format
 
 Input: the sentence arguments, else one sentence per line from --input (plain or gzip) or stdin. Output: one line
 per input line, in input order (empty in, empty out); with --nbest N a TSV `line_no, rank, score, translation`
 (1-based), N rows per line (one for an empty line). Errors (unreadable checkpoint, bad input) are one line on
-stderr and exit code 2. The work is done by `translator.translate`.
+stderr and exit code 2. The work is done by `translator.translate` and `translator.engines`.
+
+Engines (--engine): `torch` (default with --checkpoint) runs our model; `ctranslate2` and `onnx` run a directory
+written by `translator export` (--model DIR; default: the directory's own format), or export --checkpoint on the fly
+into a temporary directory (float32) first. `onnx` runs our own search over ONNX Runtime's graphs (same hypotheses and
+scores as torch); `ctranslate2` runs CTranslate2's search, whose length penalty is score / len**alpha (ours: GNMT's) and
+whose scores are its own. Both run on the CPU; --static and --attention are torch's.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import gzip
 import logging
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from translator.generate import LENGTH_PENALTY, MIN_LEN, PENALTY
 
 log = logging.getLogger("translate")
+ENGINES = ("torch", "ctranslate2", "onnx")
 
 
 class InputError(ValueError):
@@ -32,7 +43,11 @@ class InputError(ValueError):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sentences", nargs="*", metavar="SENTENCE", help="sentences to translate (else --input/stdin)")
-    parser.add_argument("--checkpoint", required=True, help="a translator .ckpt")
+    parser.add_argument("--checkpoint", help="a translator .ckpt")
+    parser.add_argument("--model", metavar="DIR", help="a directory written by `translator export` (instead of "
+                                                       "--checkpoint)")
+    parser.add_argument("--engine", choices=ENGINES, help="torch (default with --checkpoint), ctranslate2 or onnx "
+                                                          "(default with --model: the directory's format)")
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
     parser.add_argument("--nbest", type=int, help="write the N best per line as TSV: line_no, rank, score, text")
     parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
@@ -60,6 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give sentences as arguments or --input, not both")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if (args.checkpoint is None) == (args.model is None):
+        parser.error("give either --checkpoint CKPT or --model DIR (a directory written by `translator export`)")
+    if args.model is not None and args.engine == "torch":
+        parser.error("--engine torch needs --checkpoint: --model is a directory for ctranslate2 or onnx")
+    if args.engine is None and args.checkpoint is not None:
+        args.engine = "torch"
+    if args.engine != "torch":  # None: the --model directory's format, known once it is read
+        for flag, used in (("--static", args.static), ("--attention", args.attention),
+                           (f"--device {args.device}", args.device not in ("auto", "cpu"))):
+            if used:
+                parser.error(f"{flag} is for --engine torch only")
     args.prog = parser.prog
     return args
 
@@ -131,6 +157,29 @@ def report_scores(hypotheses: list[str], references: list[str]) -> None:
         sys.stderr.write(f"{score}  (signature: {metric.get_signature()})\n")
 
 
+# ---- exported models ---------------------------------------------------------------------------------------------
+class EngineError(RuntimeError):
+    """An exported directory or an engine that cannot be used as asked."""
+
+
+def translate_exported(args: argparse.Namespace, sentences: list[str], options: dict) -> list:
+    """Translate with the ctranslate2/onnx engine: on --model DIR, or on --checkpoint exported to a temporary
+    directory first."""
+    from translator import engines
+    from translator.export import ExportError, export
+
+    with tempfile.TemporaryDirectory(prefix="translator-export-") as tmp:
+        try:
+            path = args.model or export(args.checkpoint, args.engine, Path(tmp) / args.engine)
+            manifest = engines.read_manifest(path)
+            if args.engine is not None and manifest.get("format") != args.engine:
+                raise EngineError(f"--model {path}: a {manifest.get('format')} export, not {args.engine}")
+            engine = engines.load(path)
+        except (ExportError, FileNotFoundError, ValueError, ImportError) as err:
+            raise EngineError(err) from None
+        return engine.translate(sentences, **options)
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -149,12 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(
                 f"{args.reference}: {len(references)} reference lines, but the input has {len(sentences)} lines"
             )
-        model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
-        results = translate(
-            model, tokenizer, sentences, beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty,
-            static=args.static, min_len=args.min_len,
-            batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens,
-        )
+        options = dict(beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty,
+                       batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens)
+        if args.engine == "torch":
+            model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
+            results = translate(model, tokenizer, sentences, static=args.static, min_len=args.min_len, **options)
+        else:
+            results = translate_exported(args, sentences, options)
         write_output(format_output(results, args.nbest), args.output)
         if references is not None:
             report_scores([hyps[0].text for hyps in results], references)
@@ -170,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError as err:
                     raise InputError(f"{args.attention}: cannot write: {err}") from None
                 log.info("attention heatmap of line %d written to %s", first + 1, args.attention)
-    except (checkpoint.CheckpointError, InputError, DeviceError) as err:
+    except (checkpoint.CheckpointError, InputError, DeviceError, EngineError) as err:
         sys.stderr.write(f"{args.prog}: error: {err}\n")
         return 2
     return 0

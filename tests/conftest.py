@@ -54,38 +54,44 @@ def tokenizer(train_pairs: list[tuple[str, str]]) -> Tokenizer:
 # steps at a higher learning rate (about 10 s more, in parallel with the seq2seq run) give short real sentences
 # ("Two dogs and a man in the snow."; val BLEU about 9).
 FIT_ARGS = {
-    "seq2seq": ["--trainer.max_steps", "20"],
+    "seq2seq": [],
     "decoder_only": ["--trainer.max_steps", "300", "--trainer.val_check_interval", "300",
                      "--model.init_args.lr", "1e-2", "--model.init_args.warmup_steps", "30"],
 }
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """{arch: last.ckpt} from `translator fit` on configs/debug.yaml (`FIT_ARGS`), both runs in parallel."""
-    root = tmp_path_factory.mktemp("fit")
+def fit_tiny(root: Path, tokenizer: Tokenizer, runs: dict[str, list[str]], steps: int = 20) -> dict[str, Path]:
+    """{name: last.ckpt} from `translator fit --config configs/debug.yaml` plus each run's own arguments, `steps`
+    steps each, all runs in parallel (one thread each), under `root`."""
     tokenizer.save(root / "tokenizer.model")
-    runs = {}
-    for arch, class_path in MODULES.items():
-        run_dir = root / arch
+    procs = {}
+    for name, extra in runs.items():
+        run_dir = root / name
         run_dir.mkdir()
         cmd = [
             sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
-            "--model.class_path", class_path,
             "--data.path", str(MULTI30K),
             "--data.tokenizer", str(root / "tokenizer.model"),  # the shared test tokenizer: no training here
-            *FIT_ARGS[arch],
+            "--trainer.max_steps", str(steps),
             "--trainer.default_root_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false",
+            *extra,
         ]
         # cwd = run_dir: the config's relative output paths (checkpoints/..., tokenizer_dir) land in the tmp dir
-        runs[arch] = (run_dir, subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True))
+        procs[name] = (run_dir, subprocess.Popen(cmd, cwd=run_dir, env=ENV, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True))
     found = {}
-    for arch, (run_dir, proc) in runs.items():
+    for name, (run_dir, proc) in procs.items():
         log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"translator fit ({arch}) failed:\n{log[-3000:]}"
+        assert proc.returncode == 0, f"translator fit ({name}) failed:\n{log[-3000:]}"
         ckpts = sorted(run_dir.rglob("last.ckpt"))
         assert len(ckpts) == 1, f"expected one last.ckpt under {run_dir}, found {ckpts}\n{log[-2000:]}"
-        found[arch] = ckpts[0]
+        found[name] = ckpts[0]
     return found
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """{arch: last.ckpt} from `translator fit` on configs/debug.yaml (`FIT_ARGS`), both runs in parallel."""
+    runs = {arch: ["--model.class_path", class_path, *FIT_ARGS[arch]] for arch, class_path in MODULES.items()}
+    return fit_tiny(tmp_path_factory.mktemp("fit"), tokenizer, runs)

@@ -1,8 +1,9 @@
-"""`translator`: the Lightning CLI (fit / validate / test / predict) over both architectures.
+"""`translator`: the Lightning CLI (fit / validate / test / predict) over both architectures, and `export`.
 
     translator fit --config configs/encdec.yaml --config configs/data/multi30k.yaml --config configs/trainer/gpu.yaml
     translator predict --config configs/encdec.yaml --config configs/data/multi30k.yaml --ckpt_path CKPT \
         --data.predict_path test.de.gz --predict_output hyp.en [--model.test_beam_size 5]
+    translator export --checkpoint CKPT --format ctranslate2|onnx [--quantization int8] --out DIR
 
 `predict` translates a UTF-8 text file (one sentence per line, plain or .gz; default: the source side of
 `--data.test_split`) with beam search of width `test_beam_size` (1: greedy) and the model's `length_penalty`, and
@@ -11,6 +12,9 @@ empty line, a line over `--data.max_len` tokens is truncated with a warning nami
 budget and are sharded over DDP ranks and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them
 and rank 0 writes the file. `--ckpt_path` and `--predict_output` are required: an untrained model's output is noise,
 and the progress bar shares stdout.
+
+`export` (translator/export.py) writes a checkpoint as a CTranslate2 or ONNX serving directory; it is dispatched
+before LightningCLI, with its own argparse parser.
 
 The model is chosen by `class_path` (`translator.module.Seq2SeqModule` or `translator.module.DecoderOnlyModule`);
 the vocabulary size is linked from the data to the model, never typed twice.
@@ -189,6 +193,11 @@ def _own_user_error(err: BaseException) -> str | None:
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:  # a plain command, not a Trainer run: its own small parser (translator.export)
+        from translator.export import main as export_main
+
+        sys.exit(export_main(argv[1:]))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         TranslatorCLI(

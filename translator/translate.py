@@ -122,6 +122,7 @@ def translate(
 ) -> list[list[Translation]]:
     """Translate raw sentences; returns, in input order, each sentence's best `nbest` translations, best first.
 
+    `model`: a Transformer, or any object with the decode-step interface (`translator.engines.OnnxModel`).
     `batch_tokens` bounds the padded source tokens of a batch (the search holds `beam` rows per sentence).
     `device`: where to run (the model is moved there); None keeps the model where it is. On CUDA the search runs
     under bf16 autocast (the log-probs themselves are float32, see `generate`). `static`: the fixed-shape search,
@@ -130,10 +131,13 @@ def translate(
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    model.eval()
+    if isinstance(model, nn.Module):
+        if device is not None:
+            model.to(device)
+        device = next(model.parameters()).device
+        model.eval()
+    else:  # a decode-step model outside torch (translator.engines.OnnxModel) takes host tensors
+        device = torch.device("cpu")
     sources = encode_sources(tokenizer, sentences, max_input_tokens)
     results: list[list[Translation]] = [[Translation([], 0.0, "")] for _ in sentences]
     for batch in token_batches([len(s) for s in sources], batch_tokens):
