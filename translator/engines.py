@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from translator.export import MANIFEST
+from translator.generate import LENGTH_PENALTY
 from translator.layers import DecodeState, KVCache, LayerCache
 from translator.tokenizer import Tokenizer
 from translator.translate import Translation, encode_sources, translate
@@ -175,7 +176,7 @@ class OnnxEngine:
         self.model = OnnxModel(path, threads)
         self.tokenizer = Tokenizer.from_file(self.model.path / self.model.manifest["sentencepiece"])
 
-    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = 1.0,
+    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = LENGTH_PENALTY,
                   batch_tokens: int = 4096, max_input_tokens: int = 256) -> list[list[Translation]]:
         return translate(self.model, self.tokenizer, sentences, beam=beam, nbest=nbest, length_penalty=length_penalty,
                          batch_tokens=batch_tokens, max_input_tokens=max_input_tokens)

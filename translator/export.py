@@ -28,11 +28,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from translator import checkpoint
 from translator.decoder_only import DecoderOnlyTransformer
-from translator.layers import Attention, Block, sinusoidal_table
+from translator.layers import Attention, Block, sinusoidal
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import Tokenizer
 
@@ -129,7 +130,7 @@ def _set_inputs(spec, model: nn.Module, embedding: nn.Embedding) -> None:
     if cfg.positions == "learned":
         spec.position_encodings.encodings = model.positions.table.weight.detach().float().numpy().copy()
     elif cfg.positions == "sinusoidal":  # ours, as a table: CTranslate2's own sinusoids are laid out otherwise
-        spec.position_encodings.encodings = sinusoidal_table(cfg.max_positions, cfg.d_model).numpy()
+        spec.position_encodings.encodings = sinusoidal(torch.arange(cfg.max_positions), cfg.d_model).float().numpy()
 
 
 def ctranslate2_spec(model: nn.Module, tokenizer: Tokenizer):

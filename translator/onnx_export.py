@@ -101,7 +101,6 @@ def export_onnx(model: nn.Module, tokenizer: Tokenizer, out: str | Path, source:
         raise TypeError(f"not a translator model: {type(model).__name__}")
     model = model.float().eval()
     cfg = model.config
-    model.positions._grow(cfg.max_positions)  # full tables as graph constants: no growth inside a graph
     names = graph_names(model)
     B = torch.export.Dim("batch")
     S, L = (torch.export.Dim(name, max=cfg.max_positions) for name in ("source", "cache"))
