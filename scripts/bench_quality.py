@@ -161,8 +161,9 @@ def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, r
         return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID, reduction="sum")
 
     result.update(evaluate(lambda s: [h[0].text for h in translate(model, tok, s, beam=args.beam)], nll, tok, args))
-    # the same run's other weights, when the recipe keeps them: EMA's current (raw) weights, and the mean of the
-    # periodic weights-only checkpoints (`avg-*.ckpt`, raw weights) as scripts/average_checkpoints.py makes it
+    # the same run's other weights, when the recipe keeps them: EMA's current weights (the same as the average in a
+    # checkpoint saved after training ended: Lightning's callback copies the average over them then), and the mean
+    # of periodic weights-only checkpoints (`avg-*.ckpt`: current weights) as scripts/average_checkpoints.py makes it
     others = {}
     if "current_model_state" in raw:
         others["raw"] = raw["current_model_state"]
