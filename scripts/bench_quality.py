@@ -47,7 +47,7 @@ from translator import checkpoint
 from translator.compare import read_testset
 from translator.data import TranslationDataModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
-from translator.translate import translate
+from translator.translate import pad, translate
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = {"encdec": None, "causal": "causal", "prefix": "bidirectional"}
@@ -107,15 +107,11 @@ def target_perplexity(nll_fn, tokenizer: Tokenizer, sources: list[str], referenc
     total, count = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(src_ids), 64):
-            src = pad_batch([s or [PAD_ID] for s in src_ids[i:i + 64]])
-            tgt = pad_batch(tgt_ids[i:i + 64])
+            src = pad([s or [PAD_ID] for s in src_ids[i:i + 64]])
+            tgt = pad(tgt_ids[i:i + 64])
             total += float(nll_fn(src, tgt))
             count += int((tgt[:, 1:] != PAD_ID).sum())
     return math.exp(total / count)
-
-
-def pad_batch(rows: list[list[int]]) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True, padding_value=PAD_ID)
 
 
 # ---- ours: the real CLI ----------------------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def peer_translate(system: str, model, tokenizer: Tokenizer, sentences: list[str
             batch = [ids[j] or [EOS_ID] for j in order[i:i + 64]]
             S = max(map(len, batch))
             if system == "marian":
-                src = pad_batch(batch)
+                src = pad(batch)
                 hyp = model.generate(input_ids=src, attention_mask=src != PAD_ID, max_new_tokens=int(1.2 * S + 10),
                                      decoder_start_token_id=BOS_ID, **gen)[:, 1:]
             else:  # left-padded prompts `src <sep>`

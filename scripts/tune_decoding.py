@@ -20,19 +20,7 @@ import torch
 
 from translator import checkpoint
 from translator.compare import read_testset
-from translator.generate import beam_search
-from translator.translate import encode_sources, pad, token_batches
-
-
-def decode(model, tokenizer, sources: list[str], beam: int, alpha: float, penalty: str, early: bool,
-           batch_tokens: int) -> list[str]:
-    ids = encode_sources(tokenizer, sources)
-    out = [""] * len(ids)
-    for batch in token_batches([len(s) for s in ids], batch_tokens):
-        hyps = beam_search(model, pad([ids[i] for i in batch]), beam, alpha, penalty=penalty, early_stopping=early)
-        for i, text in zip(batch, tokenizer.decode([h[0].tokens for h in hyps])):
-            out[i] = text
-    return out
+from translator.translate import translate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| early stop | penalty | alpha | BLEU | chrF | BP | len ratio | seconds |\n|---|---|---|---|---|---|---|---|")
     for early, penalty, alpha in itertools.product(args.early_stopping, args.penalty, args.alpha):
         start = time.perf_counter()
-        hyps = decode(model, tokenizer, ts.sources, args.beam, alpha, penalty, early == "yes", args.batch_tokens)
+        hyps = [h[0].text for h in translate(model, tokenizer, ts.sources, beam=args.beam, length_penalty=alpha,
+                                             penalty=penalty, early_stopping=early == "yes",
+                                             batch_tokens=args.batch_tokens)]
         bleu = sacrebleu.corpus_bleu(hyps, [ts.references])
         chrf = sacrebleu.corpus_chrf(hyps, [ts.references]).score
         print(f"| {early} | {penalty} | {alpha} | {bleu.score:.2f} | {chrf:.1f} | {bleu.bp:.3f} | "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translator.decoder_only import DecoderOnlyTransformer
-from translator.generate import LENGTH_PENALTY, MIN_LEN, Hypothesis, beam_search
+from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, MIN_LEN, PENALTY, Hypothesis, Penalty, beam_search
 from translator.layers import Attention, apply_rope
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -119,6 +119,8 @@ def translate(
     device: torch.device | str | None = None,
     static: bool = False,
     min_len: int = MIN_LEN,
+    penalty: Penalty = PENALTY,
+    early_stopping: bool = EARLY_STOPPING,
 ) -> list[list[Translation]]:
     """Translate raw sentences; returns, in input order, each sentence's best `nbest` translations, best first.
 
@@ -127,7 +129,8 @@ def translate(
     `device`: where to run (the model is moved there); None keeps the model where it is. On CUDA the search runs
     under bf16 autocast (the log-probs themselves are float32, see `generate`). `static`: the fixed-shape search,
     one CUDA graph per batch on a GPU (`generate.beam_search`); same translations. `min_len`: tokens before eos may
-    come (a non-empty sentence gets a non-empty translation unless 0).
+    come (a non-empty sentence gets a non-empty translation unless 0). `penalty`, `early_stopping`: as in
+    `generate.beam_search`.
     """
     if beam < 1 or not 1 <= nbest <= beam:
         raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
@@ -143,7 +146,8 @@ def translate(
     for batch in token_batches([len(s) for s in sources], batch_tokens):
         src = pad([sources[i] for i in batch], device)  # (B, S)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hyps = beam_search(model, src, beam, length_penalty, nbest=nbest, static=static, min_len=min_len)
+            hyps = beam_search(model, src, beam, length_penalty, nbest=nbest, static=static, min_len=min_len,
+                               penalty=penalty, early_stopping=early_stopping)
         for i, sentence_hyps in zip(batch, hyps):
             texts = tokenizer.decode([h.tokens for h in sentence_hyps])
             results[i] = [Translation(h.tokens, h.score, t) for h, t in zip(sentence_hyps, texts)]
