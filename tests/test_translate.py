@@ -266,3 +266,11 @@ def test_bad_arguments_are_argparse_errors(script, argv, capsys):
 def test_cuda_without_a_gpu_is_a_clear_error(script, checkpoints, capsys):
     assert script.main(["--checkpoint", str(checkpoints["seq2seq"]), "--device", "cuda", "Ein Hund."]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_checkpoint_loads_onto_another_device_with_its_tokenizer(checkpoints):
+    """map_location moves the model only: the tokenizer's bytes are read on the CPU. Loading with map_location="cuda"
+    failed on a GPU ("can't convert cuda:0 device type tensor to numpy"); the meta device fails the same way here."""
+    model, tokenizer, _ = checkpoint.load(checkpoints["seq2seq"], map_location="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert tokenizer == checkpoint.load(checkpoints["seq2seq"])[1]

@@ -65,8 +65,8 @@ def _check_format(path: Path) -> None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
-    """(model in eval mode, tokenizer, checkpoint's `translator` entry) from a translator `.ckpt`."""
-    ckpt = read(path, map_location)
+    """(model in eval mode on `map_location`, tokenizer, checkpoint's `translator` entry) from a translator `.ckpt`."""
+    ckpt = read(path)  # on the CPU: the tokenizer's bytes are read back through numpy, the model is moved at the end
     meta = ckpt["translator"]
     if meta.get("arch") not in ARCHS:
         raise CheckpointError(f"{path}: unknown architecture {meta.get('arch')!r}")

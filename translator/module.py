@@ -62,6 +62,12 @@ def _compiled(compile: bool | str, fn):
     """fn, or torch.compile(fn) in the given mode (True: the default mode)."""
     if compile is False or compile is None:
         return fn
+    import torch._inductor.config as inductor
+
+    # torch 2.11's inductor failed an assertion in this analysis while compiling our training step for CUDA
+    # (tiling_utils.get_pw_red_splits, seen on an H200); without it the step compiles and trains (docs/results.md)
+    if hasattr(inductor.triton, "coalesce_tiling_analysis"):
+        inductor.triton.coalesce_tiling_analysis = False
     return torch.compile(fn, mode=None if compile is True else compile)
 
 
@@ -177,7 +183,7 @@ class TranslationModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].numpy().tobytes())
+        saved = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].cpu().numpy().tobytes())
         if self.tokenizer is not None and self.tokenizer != saved:
             raise ValueError(
                 "the checkpoint was trained with another tokenizer than the data's: give the data module the "
@@ -255,7 +261,8 @@ class TranslationModule(L.LightningModule):
             lr=self.hparams.lr,
             betas=(0.9, 0.98),
             eps=1e-9,
-            fused=self.device.type == "cuda",
+            # Lightning's mixed precision refuses to clip the gradients of an optimizer that unscales them itself
+            fused=self.device.type == "cuda" and not (self._trainer is not None and self._trainer.gradient_clip_val),
         )
         warmup = max(1, self.hparams.warmup_steps)
         # `self._trainer`: the `trainer` property raises when no Trainer is attached. The train stream is endless, so
