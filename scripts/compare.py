@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     # torch and the model code load after the arguments are checked: `--help` and typos answer at once
     from translator import checkpoint
-    from translator.compare import CompareError, compare, markdown_table, read_testset, write_report
+    from translator.compare import CompareError, compare, read_testset
+    from translator.report import markdown_table, write_report
 
     try:
         testsets = [read_testset(name, src, ref, args.limit) for name, src, ref in args.testset_specs]

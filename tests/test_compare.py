@@ -25,14 +25,10 @@ from conftest import load_script
 from sacrebleu.significance import PairedTest, _compute_p_value
 
 from translator import checkpoint
-from translator.compare import (
-    CompareError,
-    paired_bootstrap,
-    perplexity,
-    plot_curves,
-    read_testset,
-    read_training_log,
-)
+from translator.compare import CompareError, perplexity, read_testset
+from translator.report import plot_curves
+from translator.significance import paired_bootstrap
+from translator.training_log import read_training_log
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
