@@ -11,6 +11,11 @@ wall time of `translate.translate` over the test set), and, when the training lo
 wall time. Significance: the paired bootstrap of `translator.significance`, every checkpoint against the first.
 Reporting (tables, plots, files) is `translator.report`'s.
 
+Seeds: runs whose names end in `-seedN`, `_seedN` or `/seedN` (`arm_of`) are the seeds of one arm, named without
+that suffix (encdec-seed0, encdec-seed1 -> encdec). When some arm has several runs, `Report.arm_rows` gives each arm's
+mean and standard deviation over its seeds, and the paired bootstrap compares arms (seeds pooled, every arm against
+the first) instead of runs. With one run per arm the report is the per-run one alone.
+
 Perplexities over different token sets cannot be compared, so all checkpoints must carry the same tokenizer (the
 serialized SentencePiece bytes are compared); otherwise `TokenizerMismatch`.
 """
@@ -22,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +42,7 @@ from torch import nn
 from translator import checkpoint
 from translator.data import load_pairs
 from translator.generate import LENGTH_PENALTY
-from translator.significance import paired_bootstrap
+from translator.significance import bootstrap_arms, paired_bootstrap  # noqa: F401 (paired_bootstrap: re-exported)
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from translator.training_log import TIME_COLUMNS, TrainingLog, find_training_log
 from translator.translate import pad, resolve_device, token_batches, translate
@@ -44,6 +50,7 @@ from translator.translate import pad, resolve_device, token_batches, translate
 log = logging.getLogger(__name__)
 
 LENGTH_EDGES = (10, 15, 20, 25)  # source-word buckets 1-10, 11-15, 16-20, 21-25, 26+
+SEED_SUFFIX = re.compile(r"(?P<arm>.+?)[-_/]seed\d+")  # a run name `ARM-seedN`, `ARM_seedN` or `ARM/seedN`
 
 
 class CompareError(ValueError):
@@ -211,6 +218,8 @@ class Report:
     examples: dict[str, list[dict[str, str]]]  # test set -> a few sources, references and each model's output
     logs: dict[str, TrainingLog]  # checkpoint name -> its training log (those found)
     notes: list[str]
+    arms: dict[str, list[str]]  # arm -> its runs (checkpoint names), in the order given; the first is the baseline
+    arm_rows: list[dict[str, Any]]  # one per (arm, test set) when some arm has several runs (seeds), else none
 
 
 def checkpoint_names(paths: list[str | os.PathLike]) -> list[str]:
@@ -233,6 +242,42 @@ def checkpoint_names(paths: list[str | os.PathLike]) -> list[str]:
     return names
 
 
+def arm_of(run: str) -> str:
+    """The arm a run belongs to: its name without a trailing `-seedN`, `_seedN` or `/seedN` (encdec-seed2 -> encdec,
+    prefix_lm/seed0 -> prefix_lm); any other name is an arm of its own."""
+    match = SEED_SUFFIX.fullmatch(run)
+    return match["arm"] if match else run
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for one value) of the values that are not None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    return float(np.mean(present)), float(np.std(present, ddof=1)) if len(present) > 1 else None
+
+
+def summarise_arms(rows: list[dict[str, Any]], arms: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per (arm, test set): mean (`bleu`, ...) and standard deviation over seeds (`bleu_sd`, ...) of steps,
+    BLEU, chrF, perplexity (each run's, over the same reference tokens), training wall time, and BLEU per source-length
+    bucket; `parameters` are the first run's."""
+    by_run = {(r["model"], r["testset"]): r for r in rows}
+    out = []
+    for arm, runs in arms.items():
+        for testset in dict.fromkeys(r["testset"] for r in rows):
+            members = [by_run[run, testset] for run in runs]
+            row = {"arm": arm, "testset": testset, "seeds": len(runs), "runs": runs,
+                   "parameters": members[0]["parameters"]}
+            for key in ("steps", "bleu", "chrf", "ppl", "train_wall_s"):
+                row[key], row[f"{key}_sd"] = _mean_sd([m[key] for m in members])
+            row["bleu_by_length"] = []
+            for k, bucket in enumerate(members[0]["bleu_by_length"]):
+                mean, sd = _mean_sd([m["bleu_by_length"][k]["bleu"] for m in members])
+                row["bleu_by_length"].append({**bucket, "bleu": mean, "bleu_sd": sd})
+            out.append(row)
+    return out
+
+
 def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam: int = 5, batch_tokens: int = 4096,
             device: str = "auto", bootstrap: int = 1000, names: list[str] | None = None, length_penalty: float = LENGTH_PENALTY,
             examples: int = 5) -> Report:
@@ -242,6 +287,9 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
     names = names or checkpoint_names(checkpoints)
     if len(names) != len(checkpoints) or len(set(names)) != len(names):
         raise CompareError(f"need one unique name per checkpoint, got {names}")
+    arms: dict[str, list[str]] = {}
+    for name in names:
+        arms.setdefault(arm_of(name), []).append(name)
     tokenizer, infos = check_same_tokenizer(checkpoints)
     try:
         dev = resolve_device(device)
@@ -289,13 +337,15 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
             torch.cuda.empty_cache()
 
     signatures = {"BLEU": str(bleu.get_signature()), "chrF": str(chrf.get_signature())}
-    if bootstrap > 0 and len(names) > 1:
+    arm_rows = summarise_arms(rows, arms) if len(arms) < len(names) else []
+    if bootstrap > 0 and len(arms) > 1:  # arm against arm, or with one run per arm run against run
         for ts in testsets:
-            sigs, paired = paired_bootstrap(ts.references, [(n, hyps[n, ts.name]) for n in names], bootstrap)
+            sigs, paired = bootstrap_arms(ts.references, [(arm, [hyps[n, ts.name] for n in runs])
+                                                          for arm, runs in arms.items()], bootstrap)
             signatures["paired_bs"] = sigs
-            for row in rows:
+            for row in arm_rows or rows:
                 if row["testset"] == ts.name:
-                    for metric, result in paired[row["model"]].items():
+                    for metric, result in paired[row["arm"] if arm_rows else arm_of(row["model"])].items():
                         row[metric.lower() + "_bs"] = result.to_dict()
 
     chosen = {ts.name: list(range(min(examples, len(ts.sources)))) for ts in testsets}
@@ -313,5 +363,5 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     testset_rows = [{"name": ts.name, "where": ts.where, "sentences": len(ts.sources)} for ts in testsets]
-    return Report(settings, signatures, ckpt_rows, testset_rows, rows, example_rows, logs, notes)
+    return Report(settings, signatures, ckpt_rows, testset_rows, rows, example_rows, logs, notes, arms, arm_rows)
 

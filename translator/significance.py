@@ -1,11 +1,12 @@
-"""Paired bootstrap resampling of BLEU and chrF (sacreBLEU's test), every system against the first.
+"""Paired bootstrap resampling of BLEU and chrF (sacreBLEU's test), every system or arm of seeds against the first.
 
-From sacreBLEU (`sacrebleu.significance.PairedTest`, test_type="bs"): the scores, each system's bootstrap mean and 95%
-half-width, and the p-value. Added here, from the same resamples (same seed, same draw, sacreBLEU's sufficient
-statistics): the difference system - baseline with its 95% interval. One correction: sacreBLEU counts only resampled
-statistics strictly above the observed one, so two systems whose per-sentence statistics are identical get
-p = 1/(n+1) ~ 0.001 ("significant"); such a pair is reported with p = 1 (the difference is 0 in every resample).
-"""
+The test is sacreBLEU's (`sacrebleu.significance.PairedTest`, test_type="bs": its seed, its draw of resampled
+sentences, its p-value), computed here from sacreBLEU's sufficient statistics so that it also serves arms of several
+runs, and checked against sacreBLEU's own run of it. Reported per system: the score, the bootstrap mean and 95%
+half-width, and against the baseline the difference with its 95% interval (from the same resamples) and the p-value.
+One correction: sacreBLEU counts only resampled statistics strictly above the observed one, so two systems whose
+per-sentence statistics are identical get p = 1/(n+1) ~ 0.001 ("significant"); such a pair is reported with p = 1
+(the difference is 0 in every resample)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sacrebleu
 from sacrebleu.significance import PairedTest, estimate_ci
 
 from translator.metrics import SACREBLEU_TESTED, sacrebleu_internal, score_from_statistics, sentence_statistics
+
+ALPHA = 0.05  # a difference with p < ALPHA is reported as significant
 
 
 @dataclass
@@ -36,47 +39,74 @@ class Paired:
 
 
 def _resampled_scores(metric, stats: np.ndarray, idxs: np.ndarray) -> np.ndarray:
+    """Corpus score of each resample: stats (N, k) per-sentence statistics, idxs (R, N) sentence indices -> (R,)."""
     return np.array([score_from_statistics(metric, s.sum(0)) for s in stats[idxs]])
+
+
+def _p_value(deltas: np.ndarray, delta: float) -> float:
+    """sacreBLEU's paired-bootstrap p-value: the share of centred resampled |differences| strictly above the observed
+    one, +1 smoothed; 1 when the difference is 0 in every resample (see the module docstring)."""
+    if delta == 0 and not deltas.any():
+        return 1.0
+    diffs = np.abs(deltas)
+    return (int(np.sum(diffs - diffs.mean() > abs(delta))) + 1) / (len(deltas) + 1)
 
 
 def paired_bootstrap(references: list[str], systems: list[tuple[str, list[str]]], n_samples: int = 1000
                      ) -> tuple[dict[str, str], dict[str, dict[str, Paired]]]:
-    """sacreBLEU's paired bootstrap of BLEU and chrF, every system against `systems[0]`.
+    """sacreBLEU's paired bootstrap of BLEU and chrF, every system (hypotheses of one run) against `systems[0]`:
+    `bootstrap_arms` with one run per arm."""
+    return bootstrap_arms(references, [(name, [hyps]) for name, hyps in systems], n_samples)
 
-    Returns ({metric: signature}, {system: {metric: Paired}}), metric in ("BLEU", "chrF"). The seed is sacreBLEU's
+
+def bootstrap_arms(references: list[str], arms: list[tuple[str, list[list[str]]]], n_samples: int = 1000
+                   ) -> tuple[dict[str, str], dict[str, dict[str, Paired]]]:
+    """Paired bootstrap of BLEU and chrF, every arm (the hypotheses of one or more runs: seeds) against `arms[0]`.
+
+    Each resample draws N sentences with replacement; every run is scored on those sentences and an arm's score is the
+    mean over its runs (seeds), so the observed score is the mean of the runs' corpus scores, and the test asks whether
+    the seed-averaged systems differ beyond what the choice of sentences explains. Seed-to-seed variation is not in
+    the p-value: report it beside (the standard deviation over seeds). With one run per arm this is exactly
+    sacreBLEU's test.
+
+    Returns ({metric: signature}, {arm: {metric: Paired}}), metric in ("BLEU", "chrF"). The seed is sacreBLEU's
     (`SACREBLEU_SEED`, default 12345; it is in the signature). The draw of the resamples is sacreBLEU's, not a
-    public API: each system's resampled scores are checked against the mean and interval that sacreBLEU reports, so
-    that a release drawing them otherwise stops here instead of giving intervals of other resamples (unless
-    `SACREBLEU_SEED=none`: then no two draws are the same anyway).
+    public API: sacreBLEU's `PairedTest` runs on the first run of every arm, and its bootstrap mean and interval must
+    be ours for that run, so that a release drawing them otherwise stops here instead of giving intervals of other
+    resamples (unless `SACREBLEU_SEED=none`: then no two draws are the same anyway).
     """
     metrics = {"BLEU": sacrebleu.BLEU(), "chrF": sacrebleu.CHRF()}
-    test = PairedTest(systems, metrics, [references], test_type="bs", n_samples=n_samples)
-    signatures, scores = test()
+    test = PairedTest([(name, runs[0]) for name, runs in arms], metrics, [references], test_type="bs",
+                      n_samples=n_samples)
+    signatures, checks = test()
     ours = dict(zip(test.metrics, metrics))  # sacreBLEU names chrF "chrF2"
-    # the index draw of sacrebleu.significance._paired_bs_test, so that our intervals come from its resamples
+    # the index draw of sacrebleu.significance._paired_bs_test, so that our resamples are its resamples
     seed = sacrebleu_internal(test, "_seed") or None
     N = len(references)
-    out: dict[str, dict[str, Paired]] = {name: {} for name, _ in systems}
+    idxs = np.random.default_rng(seed).choice(N, size=(test.n_samples, N), replace=True)
+    out: dict[str, dict[str, Paired]] = {name: {} for name, _ in arms}
     for key, metric in test.metrics.items():
-        results = scores[key]
-        base_stats = np.array(sentence_statistics(metric, systems[0][1], references), dtype="float32")
-        base = results[0]
-        out[systems[0][0]][ours[key]] = Paired(base.score, base.mean, base.ci)
-        for (name, hyps), res in zip(systems[1:], results[1:]):
-            idxs = np.random.default_rng(seed).choice(N, size=(test.n_samples, N), replace=True)
-            stats = np.array(sentence_statistics(metric, hyps, references), dtype="float32")
-            resampled = _resampled_scores(metric, stats, idxs)
-            if seed is not None and not np.allclose(estimate_ci(resampled), (res.mean, res.ci), rtol=1e-9, atol=1e-9):
+        scores, resampled = [], []  # per arm: mean observed score, (R,) mean resampled score
+        for (name, runs), check in zip(arms, checks[key]):
+            stats = [np.array(sentence_statistics(metric, hyps, references), dtype=np.int64) for hyps in runs]
+            per_run = [_resampled_scores(metric, s.astype("float32"), idxs) for s in stats]  # sacreBLEU's float32
+            if seed is not None and not np.allclose(estimate_ci(per_run[0]), (check.mean, check.ci), rtol=1e-9, atol=1e-9):
                 raise RuntimeError(
                     f"sacrebleu {sacrebleu.__version__} draws its paired-bootstrap resamples otherwise than translator "
-                    f"reproduces them ({key} of {name!r}: mean {resampled.mean()} vs sacreBLEU's {res.mean}); install a "
-                    f"tested release: pip install 'sacrebleu{SACREBLEU_TESTED}'"
+                    f"reproduces them ({key} of {name!r}: mean {per_run[0].mean()} vs sacreBLEU's {check.mean}); "
+                    f"install a tested release: pip install 'sacrebleu{SACREBLEU_TESTED}'"
                 )
-            deltas = resampled - _resampled_scores(metric, base_stats, idxs)
+            scores.append(float(np.mean([score_from_statistics(metric, s.sum(0)) for s in stats])))
+            resampled.append(np.mean(per_run, axis=0))
+        for i, (name, _) in enumerate(arms):
+            mean, ci = estimate_ci(resampled[i])
+            if i == 0:
+                out[name][ours[key]] = Paired(scores[0], mean, ci)
+                continue
+            deltas = resampled[i] - resampled[0]
             ordered = np.sort(deltas)
             lo = len(ordered) // 40  # sacrebleu.significance.estimate_ci's 95% convention
-            p = 1.0 if np.array_equal(stats, base_stats) else res.p_value
-            out[name][ours[key]] = Paired(res.score, res.mean, res.ci, res.score - base.score,
-                                          (float(ordered[lo]), float(ordered[-lo - 1])), p, deltas)
+            delta = scores[i] - scores[0]
+            out[name][ours[key]] = Paired(scores[i], mean, ci, delta, (float(ordered[lo]), float(ordered[-lo - 1])),
+                                          _p_value(deltas, delta), deltas)
     return {ours[k]: str(v) for k, v in signatures.items()}, out
-

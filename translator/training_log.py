@@ -2,6 +2,7 @@
 
     log = find_training_log("checkpoints/encdec/best-step=8000.ckpt")  # metrics.csv in its directory or the parent
     log.tok_per_s, log.wall_time_s, log.curves["val/bleu"]  # [(step, value)]
+    seed_band([log0, log1, log2], "val/bleu")  # one arm's seeds: (step, mean, min, max) per logged step
 """
 
 from __future__ import annotations
@@ -97,3 +98,28 @@ def read_training_log(metrics_csv: str | os.PathLike) -> TrainingLog:
     out.wall_time_s = max(t for _, t in out.elapsed) if out.elapsed else None
     return out
 
+
+
+def seed_band(logs: list[TrainingLog], metric: str, against: str = "step"
+              ) -> tuple[list[float], list[float], list[float], list[float]] | None:
+    """`metric`'s curve over the runs of one arm (its seeds): (x, mean, min, max) at every step that some run logged.
+
+    A run that stopped earlier (early stopping) leaves the later steps to the others. x is the step, or with
+    against="time" the mean over the runs of their wall time (s) at that step (runs without a time column left out).
+    None when no run logged `metric`.
+    """
+    at_step: dict[int, list[tuple[float, float]]] = {}  # step -> [(x, value)], one per run
+    for lg in logs:
+        points = lg.curves.get(metric)
+        if not points or (against == "time" and not lg.elapsed):
+            continue
+        steps = [s for s, _ in points]
+        xs = lg.seconds_at(steps) if against == "time" else steps
+        for (step, value), x in zip(points, xs):
+            at_step.setdefault(step, []).append((x, value))
+    if not at_step:
+        return None
+    steps = sorted(at_step)
+    xs = [float(np.mean([x for x, _ in at_step[s]])) for s in steps]
+    values = [[v for _, v in at_step[s]] for s in steps]
+    return xs, [float(np.mean(v)) for v in values], [min(v) for v in values], [max(v) for v in values]
