@@ -52,18 +52,11 @@ _COLUMNS = [
     ("train_tok_per_s", "train tok/s", lambda v: f"{v:,.0f}"),
     ("train_wall_s", "train time", _duration),
 ]
+_RUN_COLUMN = {key: (key, header, fmt) for key, header, fmt in _COLUMNS}
 _ARM_COLUMNS = [
-    ("arm", "arm", str),
-    ("testset", "test set", str),
-    ("seeds", "seeds", str),
-    ("parameters", "params", _count),
+    ("arm", "arm", str), _RUN_COLUMN["testset"], ("seeds", "seeds", str), _RUN_COLUMN["parameters"],
     ("steps", "steps", lambda v: f"{v:.0f}"),
-    ("bleu", "BLEU", _f2),
-    ("bleu_bs", "ΔBLEU [95% CI] (p)", None),
-    ("chrf", "chrF", _f2),
-    ("chrf_bs", "ΔchrF [95% CI] (p)", None),
-    ("ppl", "PPL", _f2),
-    ("train_wall_s", "train time", _duration),
+    *(_RUN_COLUMN[key] for key in ("bleu", "bleu_bs", "chrf", "chrf_bs", "ppl", "train_wall_s")),
 ]
 
 

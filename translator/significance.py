@@ -24,11 +24,11 @@ ALPHA = 0.05  # a difference with p < ALPHA is reported as significant
 
 @dataclass
 class Paired:
-    """One metric of one system against the baseline (the first system)."""
+    """One metric of one system (or arm of seeds) against the baseline (the first)."""
 
-    score: float
-    mean: float | None  # sacreBLEU: bootstrap mean of the system's score
-    ci: float | None  # sacreBLEU: half-width of its 95% interval
+    score: float  # the corpus score (an arm's: the mean of its runs' scores)
+    mean: float | None  # bootstrap mean of the score
+    ci: float | None  # half-width of its 95% interval
     delta: float | None = None  # system - baseline (None for the baseline)
     delta_ci: tuple[float, float] | None = None  # 95% interval of the resampled differences
     p_value: float | None = None  # sacreBLEU's paired bootstrap p-value (tie-corrected, see the module docstring)
