@@ -42,9 +42,11 @@ from torch import nn
 from translator import checkpoint
 from translator.data import load_pairs
 from translator.generate import LENGTH_PENALTY
-from translator.significance import bootstrap_arms, paired_bootstrap  # noqa: F401 (paired_bootstrap: re-exported)
+from translator.significance import bootstrap_arms
+from translator.significance import paired_bootstrap as paired_bootstrap  # re-exported: its home before the split
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from translator.training_log import TIME_COLUMNS, TrainingLog, find_training_log
+from translator.training_log import read_training_log as read_training_log  # re-exported, as paired_bootstrap
 from translator.translate import pad, resolve_device, token_batches, translate
 
 log = logging.getLogger(__name__)
