@@ -9,8 +9,9 @@ Test sets: pairs of --src/--ref files named DIR/SPLIT.de[.gz] and DIR/SPLIT.en[.
 --testset NAME=SRC,REF, or --testset NAME=DATA:SPLIT for anything `translator.data.load_pairs` reads (hub id or
 directory). Writes DIR/report.md, DIR/report.json and PNG plots, and prints the table (markdown) on stdout. Errors
 (unreadable checkpoint or test set, checkpoints with different tokenizers) are one line on stderr and exit code 2.
-The work is done by `translator.compare`.
+The work is done by `translator.compare` (measurement) and `translator.report` (tables, plots, files).
 """
+
 
 from __future__ import annotations
 
@@ -24,12 +25,26 @@ from translator.generate import LENGTH_PENALTY, PENALTY
 
 log = logging.getLogger("compare")
 
+SEEDS = """\
+seeds: a run's name is its --names entry, else the part of its checkpoint's directory that differs from the others
+(checkpoints/encdec-seed1/best.ckpt -> encdec-seed1). Runs whose names end in -seedN, _seedN or /seedN are the seeds
+of one arm, named without that suffix (encdec-seed0 encdec-seed1 encdec-seed2 -> arm encdec). When an arm has several
+runs, the report adds a table per arm and test set: mean ± sample standard deviation over its seeds of BLEU, chrF,
+perplexity (over the same reference tokens), steps and training time; BLEU by source length and the training curves
+per arm (mean, min-max band); and a paired bootstrap of every arm against the first: sentences are resampled, every
+run is scored on each resample and an arm's score is the mean over its seeds. It says which differences are
+significant (p < 0.05). With one run per arm, the report is per run, each against the first, as without seeds.
+"""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SEEDS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
-                        help="translator .ckpt files; the first is the baseline of the significance tests")
-    parser.add_argument("--names", nargs="+", help="a name per checkpoint (default: the checkpoint's directory)")
+                        help="translator .ckpt files; the first (its arm, with seeds) is the baseline of the "
+                        "significance tests")
+    parser.add_argument("--names", nargs="+", help="a name per checkpoint (default: the checkpoint's directory); "
+                        "NAME-seedN groups runs into arms (see below)")
     parser.add_argument("--src", action="append", default=[], help="source file DIR/SPLIT.de[.gz] (repeatable)")
     parser.add_argument("--ref", action="append", default=[], help="reference file DIR/SPLIT.en[.gz], one per --src")
     parser.add_argument("--testset", action="append", default=[], metavar="NAME=SRC,REF|NAME=DATA:SPLIT",
@@ -76,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     # torch and the model code load after the arguments are checked: `--help` and typos answer at once
     from translator import checkpoint
-    from translator.compare import CompareError, compare, markdown_table, read_testset, write_report
+    from translator.compare import CompareError, compare, read_testset
+    from translator.report import arm_table, markdown_table, write_report
 
     try:
         testsets = [read_testset(name, src, ref, args.limit) for name, src, ref in args.testset_specs]
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.CheckpointError, CompareError, OSError) as err:
         sys.stderr.write(f"{args.prog}: error: {err}\n")
         return 2
-    sys.stdout.write(markdown_table(report))
+    sys.stdout.write(markdown_table(report) + (f"\n{arm_table(report)}" if report.arm_rows else ""))
     sys.stdout.flush()
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return 0

@@ -25,14 +25,10 @@ from conftest import load_script
 from sacrebleu.significance import PairedTest, _compute_p_value
 
 from translator import checkpoint
-from translator.compare import (
-    CompareError,
-    paired_bootstrap,
-    perplexity,
-    plot_curves,
-    read_testset,
-    read_training_log,
-)
+from translator.compare import CompareError, arm_of, perplexity, read_testset
+from translator.report import plot_curves
+from translator.significance import bootstrap_arms, paired_bootstrap
+from translator.training_log import read_training_log, seed_band
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
@@ -183,6 +179,25 @@ def test_bootstrap_intervals_come_from_sacrebleus_resamples(runs):
     diffs = np.abs(r.deltas)
     assert r.p_value == pytest.approx(_compute_p_value(diffs - diffs.mean(), abs(r.delta)))
     assert r.delta_ci[0] <= np.median(r.deltas) <= r.delta_ci[1]
+    _, raw = PairedTest([("a", a), ("b", b)], _metrics(), [refs], test_type="bs", n_samples=500)()
+    for metric, key in (("BLEU", "BLEU"), ("chrF", "chrF2")):  # sacreBLEU's own numbers, one run per system
+        for ours, theirs in zip((results["a"][metric], results["b"][metric]), raw[key]):
+            assert (ours.score, ours.mean, ours.ci) == pytest.approx((theirs.score, theirs.mean, theirs.ci), rel=1e-12)
+        assert results["b"][metric].p_value == theirs.p_value
+
+
+def test_an_arm_scores_the_mean_of_its_seeds_on_every_resample(runs):
+    """Arms [a, b] against [a]: the arm's score is the mean of its runs' scores, on the full test set and on every
+    resample, so its resampled differences are half those of b against a."""
+    refs = read_testset(None, *eval_set_args(runs)[1::2]).references
+    a, b = _hypotheses(runs, "encdec"), _hypotheses(runs, "decoder_only")
+    _, single = paired_bootstrap(refs, [("a", a), ("b", b)], n_samples=200)
+    _, pooled = bootstrap_arms(refs, [("a", [a]), ("ab", [a, b])], n_samples=200)
+    for metric in ("BLEU", "chrF"):
+        one, two = single["b"][metric], pooled["ab"][metric]
+        assert two.score == pytest.approx((one.score + pooled["a"][metric].score) / 2)
+        assert two.delta == pytest.approx(one.delta / 2)
+        np.testing.assert_allclose(two.deltas, one.deltas / 2, rtol=1e-6, atol=1e-6)  # float32, as sacreBLEU
 
 
 _HYPS: dict[str, list[str]] = {}
@@ -242,8 +257,77 @@ def test_a_logged_time_column_gives_wall_time_and_time_curves(runs, tmp_path):
     assert log.time_column == "train/elapsed_s" and log.wall_time_s == 2 * max(int(r["step"]) for r in rows
                                                                                  if r["train/loss"])
     assert log.seconds_at([10]) == [20.0]
-    assert plot_curves({"run": log}, tmp_path / "curves_time.png", against="time")
+    assert plot_curves({"run": [log]}, tmp_path / "curves_time.png", against="time")
     assert (tmp_path / "curves_time.png").stat().st_size > 0
+
+
+def test_a_seed_suffix_names_the_arm():
+    assert [arm_of(n) for n in ("encdec-seed0", "encdec_seed12", "runs/prefix_lm/seed3", "encdec", "seed1",
+                                "encdec-seed", "a-seed1-seed2", "encdec-seed1x")] == [
+        "encdec", "encdec", "runs/prefix_lm", "encdec", "seed1", "encdec-seed", "a-seed1", "encdec-seed1x"]
+
+
+def test_seed_band_is_mean_min_and_max_over_the_runs(runs, tmp_path):
+    """Two logs of one arm, the second's val/ppl 2 higher and stopped one validation earlier (early stopping)."""
+    log = read_training_log(runs["encdec"].with_name("metrics.csv"))
+    other = read_training_log(runs["encdec"].with_name("metrics.csv"))
+    other.curves["val/ppl"] = [(step, v + 2) for step, v in log.curves["val/ppl"][:-1]]
+    steps, mean, lo, hi = seed_band([log, other], "val/ppl")
+    ppl = [v for _, v in log.curves["val/ppl"]]
+    assert steps == [s for s, _ in log.curves["val/ppl"]] and len(steps) == 2
+    assert mean == pytest.approx([ppl[0] + 1, ppl[1]]) and lo == ppl and hi == [ppl[0] + 2, ppl[1]]
+    assert seed_band([log, other], "val/nothing") is None
+    assert seed_band([log, other], "val/ppl", against="time")[0] == log.seconds_at(steps)  # both runs: the same times
+    assert plot_curves({"arm": [log, other]}, tmp_path / "band.png")
+
+
+def test_seeds_are_grouped_into_arms(runs, script, report, tmp_path, capsys):
+    """Each checkpoint copied under two seed names: arms whose mean is the checkpoint's score with sd 0, and whose
+    bootstrap is the two-checkpoint one of the `report` fixture (same sentences, same resamples); a third arm of two
+    different runs has their mean and standard deviation."""
+    copies = []
+    for run, arm in (("encdec", "encdec"), ("encdec", "mixed"), ("decoder_only", "decoder_only"),
+                     ("decoder_only", "mixed")):
+        for seed in (0, 1) if arm != "mixed" else ((0,) if run == "encdec" else (1,)):
+            folder = tmp_path / "runs" / f"{arm}-seed{seed}"
+            folder.mkdir(parents=True)
+            shutil.copy(runs[run], folder / "last.ckpt")
+            shutil.copy(runs[run].with_name("metrics.csv"), folder / "metrics.csv")
+            copies.append(str(folder / "last.ckpt"))
+    out = tmp_path / "out"
+    rc = script.main(["--checkpoints", *copies, *eval_set_args(runs), "--beam", "1", "--bootstrap", "300",
+                      "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads((out / "report.json").read_text())
+    single = {r["model"]: r for r in report[1]["rows"]}  # encdec and decoder_only, one run each
+    assert data["arms"] == {"encdec": ["encdec-seed0", "encdec-seed1"], "mixed": ["mixed-seed0", "mixed-seed1"],
+                            "decoder_only": ["decoder_only-seed0", "decoder_only-seed1"]}
+    assert "bleu_bs" not in data["columns"]  # significance is arm against arm
+    arms = {r["arm"]: r for r in data["arm_rows"]}
+    for arm in ("encdec", "decoder_only"):
+        for key in ("bleu", "chrf", "ppl"):
+            assert arms[arm][key] == pytest.approx(single[arm][key]) and arms[arm][f"{key}_sd"] == 0
+        assert arms[arm]["seeds"] == 2 and arms[arm]["bleu_by_length"] == [
+            {**b, "bleu_sd": None if b["bleu"] is None else 0.0} for b in single[arm]["bleu_by_length"]]
+    for key in ("bleu_bs", "chrf_bs"):
+        ours, theirs = arms["decoder_only"][key], single["decoder_only"][key]
+        assert ours.keys() == theirs.keys() and ours["p_value"] == theirs["p_value"]
+        for field in ("score", "mean", "ci", "delta", "delta_ci"):
+            assert ours[field] == pytest.approx(theirs[field]), field
+        assert arms["encdec"][key]["delta"] is None
+    both = [single["encdec"]["chrf"], single["decoder_only"]["chrf"]]
+    assert arms["mixed"]["chrf"] == pytest.approx(np.mean(both))
+    assert arms["mixed"]["chrf_sd"] == pytest.approx(np.std(both, ddof=1)) and arms["mixed"]["chrf_sd"] > 0
+    p = arms["decoder_only"]["chrf_bs"]["p_value"]
+    verdict = "**significant**" if p < 0.05 else "not significant"
+    md = (out / "report.md").read_text()
+    assert "## Arms (mean ± standard deviation over seeds)" in md and "| encdec | test | 2 |" in md
+    delta = arms["decoder_only"]["chrf_bs"]["delta"]
+    assert "- test: decoder_only vs encdec: BLEU" in md and f"chrF {delta:+.2f}, p={p:.3f}: {verdict}" in md
+    assert "| arm | 1-10 (n=" in md and "![validation curves](curves_step.png)" in md
+    assert (out / "curves_step.png").stat().st_size > 0 and (out / "bleu_by_length_test.png").stat().st_size > 0
+    assert "| arm | test set | seeds |" in captured.out and captured.out.startswith("| model | test set |")
 
 
 def test_testset_files_must_pair_up(tmp_path):

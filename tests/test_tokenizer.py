@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID, Tokenizer, interleave
 
@@ -56,6 +57,33 @@ def test_special_ids_are_stable(tok: Tokenizer, train_text: list[str]) -> None:
 def test_decode_drops_specials(tok: Tokenizer) -> None:
     ids = tok.encode(["Ein Hund läuft."])[0]
     assert tok.decode([[BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID], [SEP_ID, *ids]]) == ["Ein Hund läuft."] * 2
+
+
+def test_sentencepiece_itself_drops_the_control_symbols(tok: Tokenizer) -> None:
+    """Why `Tokenizer.decode` needs no filter: pad, bos, eos and <sep> are control symbols, which SentencePiece's own
+    decode drops wherever they stand (first, last, between pieces, repeated); <unk> is not one (it prints ' ⁇ ')."""
+    specials = [PAD_ID, BOS_ID, EOS_ID, SEP_ID]
+    assert [tok.sp.is_control(i) for i in specials] == [True] * 4 and not tok.sp.is_control(UNK_ID)
+    text = sentences("val", "de", 40) + sentences("val", "en", 40)
+    for k, ids in enumerate(tok.encode(text)):
+        mixed = list(ids)
+        for j, special in enumerate(specials * 2):  # each special twice, spread over the sentence
+            mixed.insert((k + 7 * j) % (len(mixed) + 1), special)
+        assert tok.sp.decode(mixed) == tok.sp.decode(ids) == tok.decode([mixed])[0]
+    assert "⁇" in tok.sp.decode([UNK_ID, *tok.encode(["Hund"])[0]])
+
+
+def test_a_model_whose_sep_is_user_defined_is_refused(train_text: list[str], tmp_path: Path) -> None:
+    """A model trained with <sep> as a user-defined symbol (encode makes it from the text "<sep>", decode prints
+    it) cannot be used: translations would contain "<sep>"."""
+    model = tmp_path / "user"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(train_text[:1000]), model_prefix=str(model), vocab_size=300,
+                                   pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                                   user_defined_symbols=["<sep>"], minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{model}.model")
+    assert sp.piece_to_id("<sep>") == SEP_ID and sp.decode([SEP_ID]) == "<sep>"  # what decode would print
+    with pytest.raises(ValueError, match=r"user\.model: <sep> must be SentencePiece control symbols"):
+        Tokenizer.from_file(f"{model}.model")
 
 
 def test_bytes_and_file_round_trip(tok: Tokenizer, tmp_path: Path) -> None:

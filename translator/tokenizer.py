@@ -4,6 +4,9 @@ The ids of the special pieces never change, whatever the corpus or the vocabular
 
     0 <pad>   1 <unk>   2 <s> (bos)   3 </s> (eos)   4 <sep>
 
+All but <unk> are SentencePiece control symbols: `encode` never produces them from text and `decode` drops them,
+wherever they are (tests/test_tokenizer.py checks both on SentencePiece itself), so decoded hypotheses need no filter.
+
 The model is carried as bytes (``to_bytes`` / ``from_bytes``) so that a checkpoint holds its own tokenizer.
 """
 
@@ -39,6 +42,13 @@ class Tokenizer:
             raise ValueError(
                 f"{source}: SentencePiece model lacks translator's special ids (expected {specials}, found {found}); "
                 "train it with `translator-tokenizer` or Tokenizer.train"
+            )
+        # decode() relies on SentencePiece dropping control symbols; a user-defined <sep> would be printed as text
+        plain = [piece for piece, i in specials.items() if i != UNK_ID and not sp.is_control(i)]
+        if plain:
+            raise ValueError(
+                f"{source}: {', '.join(plain)} must be SentencePiece control symbols (decode would print them as text); "
+                "train the model again with `translator-tokenizer` or Tokenizer.train"
             )
         self.sp = sp
         self._proto = bytes(model_proto)
@@ -122,9 +132,8 @@ class Tokenizer:
         return self.sp.encode(texts, out_type=int)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        """Text for each id list; special ids (pad, bos, eos, sep) are dropped."""
-        specials = {PAD_ID, BOS_ID, EOS_ID, SEP_ID}
-        return self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+        """Text for each id list; special ids (pad, bos, eos, sep: control symbols) are dropped by SentencePiece."""
+        return self.sp.decode(ids)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
