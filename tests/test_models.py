@@ -286,6 +286,18 @@ def test_base_parameter_counts_match():
     assert abs(d_non - s_non) / s_non < 0.05, (s_non, d_non)
 
 
+def test_tied_weights_count_once():
+    """Tying shares one tensor between the embeddings and the output layer: counted once in the total, and left
+    out, like an untied output layer, of the non-embedding count."""
+    cfg = dict(vocab_size=V, d_model=32)
+    tied = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", **cfg))
+    untied = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", tie_embeddings=False, **cfg))
+    assert untied.num_parameters() - tied.num_parameters() == 2 * V * 32  # a target embedding and an output layer
+    assert untied.num_parameters(non_embedding=True) == tied.num_parameters(non_embedding=True)
+    assert tied.num_parameters(non_embedding=True) == tied.num_parameters() - V * 32 - sum(
+        p.numel() for p in tied.positions.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Overfitting real pairs
 # ---------------------------------------------------------------------------------------------------------------

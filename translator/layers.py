@@ -353,14 +353,12 @@ def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
-    """Unique parameters; with non_embedding, token/position/segment embeddings and an untied output layer
-    are left out."""
-    params = {id(p): p for p in model.parameters()}
+    """Parameters, a tied weight once (`parameters()` yields each tensor once); with non_embedding, token/position/
+    segment embeddings and an untied output layer are left out."""
+    skip = set()
     if non_embedding:
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                params.pop(id(m.weight), None)
+        skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head = getattr(model, "lm_head", None)
         if head is not None:
-            params.pop(id(head.weight), None)
-    return sum(p.numel() for p in params.values())
+            skip.add(id(head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
