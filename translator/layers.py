@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -136,60 +137,84 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention over SDPA, for self-attention and cross-attention alike.
+    """Multi-head attention over SDPA, built for one role; `forward(x, y=None)` as in torchtune.
 
-    One (3D, D) projection: self-attention computes q, k, v in one matmul; cross-attention takes q from x and k, v
-    from the memory with the same weights' slices. Rotary positions apply to self-attention only.
+    Self-attention (`cross=False`): q, k and v come from x through one fused (3D, D) projection `qkv`; rotary
+    positions rotate q and k; a `KVCache` appends the new keys and values and returns all of them.
+    Cross-attention (`cross=True`): q comes from x through `q` (D, D), k and v from the memory y through one fused
+    (2D, D) projection `kv`, or, with y None, from a `KVCache` that holds them (`project_kv(memory)`, once per
+    source). No positions here: the memory carries its own.
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, cross: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        D = cfg.d_model
+        self.n_heads, self.dropout, self.cross = cfg.n_heads, cfg.attn_dropout, cross
+        if cross:
+            self.q = nn.Linear(D, D, bias=cfg.bias)
+            self.kv = nn.Linear(D, 2 * D, bias=cfg.bias)
+            self.register_load_state_dict_pre_hook(_split_fused_cross_qkv)
+        else:
+            self.qkv = nn.Linear(D, 3 * D, bias=cfg.bias)
+        self.out = nn.Linear(D, D, bias=cfg.bias)
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, nh, L, hs)
         B, L, D = x.shape
         return x.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
 
     def project_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values of y (B, Lk, D), each (B, nh, Lk, hs)."""
-        D = y.size(-1)
-        b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
-        k, v = F.linear(y, self.qkv.weight[D:], b_kv).split(D, dim=-1)
+        """Cross-attention keys and values of the memory y (B, Lk, D), each (B, nh, Lk, hs)."""
+        k, v = self.kv(y).split(y.size(-1), dim=-1)
         return self._heads(k), self._heads(v)
+
+    def project(
+        self, x: Tensor, y: Tensor | None = None, *, rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries of x (B, Lq, D) and the keys and values they attend to: q (B, nh, Lq, hs), k and v
+        (B, nh, Lk, hs), as `forward` hands them to SDPA."""
+        if self.cross:
+            q = self._heads(self.q(x))
+            k, v = self.project_kv(y) if y is not None else (cache.k, cache.v)
+            return q, k, v
+        if y is not None:
+            raise ValueError("self-attention takes no memory y; build Attention(cfg, cross=True) for that")
+        q, k, v = map(self._heads, self.qkv(x).split(x.size(-1), dim=-1))  # (B, nh, Lq, hs) each
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, Lk, hs): the cached keys, then these
+        return q, k, v
 
     def forward(
         self,
         x: Tensor,
-        y: Tensor | None,
+        y: Tensor | None = None,
+        *,
         mask: Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Attend from x (B, Lq, D) to y: `y is x` for self-attention, the encoder memory (B, Lk, D) for
-        cross-attention, or None to reuse the cross-attention K/V already in `cache`. mask is bool, True = may
-        attend, broadcastable to (B, nh, Lq, Lk). Self-attention appends to the cache. Returns (B, Lq, D)."""
+        """Attend from x (B, Lq, D): to itself (self-attention), or to the memory y (B, Lk, D) or the K/V in
+        `cache` (cross-attention). mask is bool, True = may attend, broadcastable to (B, nh, Lq, Lk). Returns
+        (B, Lq, D)."""
         B, Lq, D = x.shape
-        if y is x:
-            q, k, v = self.qkv(x).split(D, dim=-1)
-            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, nh, Lq, hs)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = cache.append(k, v)  # (B, nh, Lk, hs)
-        else:
-            w_q, b_q = self.qkv.weight[:D], None if self.qkv.bias is None else self.qkv.bias[:D]
-            q = self._heads(F.linear(x, w_q, b_q))
-            if y is None:
-                k, v = cache.k, cache.v  # projected once per source by project_kv
-            else:
-                k, v = self.project_kv(y)
+        q, k, v = self.project(x, y, rope=rope, cache=cache)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, Lq, hs)
         return self.out(out.transpose(1, 2).reshape(B, Lq, D))
+
+
+def _split_fused_cross_qkv(module: Attention, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
+    """Load checkpoints saved when cross-attention, like self-attention, had one (3D, D) `qkv` projection: its rows
+    [:D] are the new `q`, rows [D:] the new `kv` (weight and bias alike)."""
+    for name in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{name}", None)
+        if fused is not None:
+            D = fused.size(0) // 3
+            state_dict[f"{prefix}q.{name}"], state_dict[f"{prefix}kv.{name}"] = fused[:D], fused[D:]
 
 
 def causal_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor:
@@ -228,7 +253,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_first = cfg.norm_first
         self.self_attn, self.norm1 = Attention(cfg), nn.LayerNorm(cfg.d_model)
-        self.cross_attn = Attention(cfg) if cross else None
+        self.cross_attn = Attention(cfg, cross=True) if cross else None
         self.norm2 = nn.LayerNorm(cfg.d_model) if cross else None
         self.mlp, self.norm3 = MLP(cfg), nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -250,10 +275,11 @@ class Block(nn.Module):
     ) -> Tensor:
         """x (B, L, D) -> (B, L, D). memory None with a cache: cross-attention K/V come from the cache."""
         self_kv = cache.self_kv if cache is not None else None
-        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, h, mask, is_causal, rope, self_kv))
+        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, rope=rope,
+                                                                   cache=self_kv))
         if self.cross_attn is not None:
             cross_kv = cache.cross_kv if cache is not None else None
-            x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, memory_mask, cache=cross_kv))
+            x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, mask=memory_mask, cache=cross_kv))
         return self._residual(x, self.norm3, self.mlp)
 
 
@@ -336,13 +362,20 @@ class DecodeState:
 
 def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
     """`cfg.init_std` None: Xavier-uniform linear layers and N(0, d^-1/2) embeddings (unit variance once scaled by
-    sqrt(d)); a number: N(0, init_std) for both (BART/Marian). Biases and the padding row start at zero."""
+    sqrt(d)); a number: N(0, init_std) for both (BART/Marian). Biases and the padding row start at zero.
+
+    Cross-attention's q and kv take Xavier's bound of one (3D, D) matrix, like self-attention's qkv: both attentions
+    start at the same scale, and a seed gives the weights it gave when cross-attention had one fused projection."""
+    fused = {id(p) for m in module.modules() if isinstance(m, Attention) and m.cross for p in (m.q.weight, m.kv.weight)}
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            if cfg.init_std is None:
-                nn.init.xavier_uniform_(m.weight)
-            else:
+            if cfg.init_std is not None:
                 nn.init.normal_(m.weight, std=cfg.init_std)
+            elif id(m.weight) in fused:
+                bound = math.sqrt(3.0) * math.sqrt(2.0 / (cfg.d_model + 3 * cfg.d_model))  # xavier_uniform_'s formula
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
