@@ -16,16 +16,9 @@ import pytest
 import torch
 from conftest import ENV, REPO, read_pairs
 
+from translator.cache import KVCache, causal_mask
 from translator.config import Seq2SeqConfig
-from translator.layers import (
-    Attention,
-    KVCache,
-    Positions,
-    apply_rope,
-    causal_mask,
-    rope_cos_sin,
-    sinusoidal,
-)
+from translator.layers import Attention, Positions, apply_rope, rope_cos_sin, sinusoidal
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sinusoidal

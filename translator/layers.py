@@ -1,14 +1,14 @@
-"""Building blocks shared by both architectures: attention, positions, feed-forward, blocks, KV cache."""
+"""Building blocks shared by both architectures: positions, attention, feed-forward, the block."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translator.cache import KVCache, LayerCache
 from translator.config import TransformerConfig
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,54 +86,8 @@ class Positions(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention and the cache
+# Attention
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KVCache:
-    """Keys and values of one attention layer, each (B, nh, L, hs).
-
-    Dynamic (default): `append` concatenates, so L grows by the new tokens. Static (`make_static`, for CUDA graphs):
-    k and v are (B, nh, capacity, hs) buffers written in place at slot `filled`, a () int64 tensor, so that every
-    decoding step sees tensors of the same shapes at the same addresses; slots >= filled hold stale values that the
-    caller masks out (`DecodeState.static_mask`).
-    """
-
-    k: Tensor | None = None
-    v: Tensor | None = None
-    filled: Tensor | None = None  # static caches only: slots written so far
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.filled is not None:
-            slots = self.filled + torch.arange(k.size(2), device=k.device)  # (n,)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            self.filled += k.size(2)
-            return self.k, self.v
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
-
-    def make_static(self, extra: int) -> None:
-        """Copy the keys so far into buffers with room for `extra` more."""
-        B, nh, L, hs = self.k.shape
-        k, v = self.k.new_zeros(B, nh, L + extra, hs), self.v.new_zeros(B, nh, L + extra, hs)
-        k[:, :, :L], v[:, :, :L] = self.k, self.v
-        self.k, self.v, self.filled = k, v, torch.tensor(L, device=k.device)
-
-    def reorder(self, index: Tensor, start: int = 0) -> None:
-        """Rows `index` of the cache. Static and of the same size: in place (a captured graph holds these buffers),
-        and only from slot `start` on (slots before it are the same in every row that replaces another)."""
-        if self.k is None:
-            return
-        if self.filled is not None and index.numel() == self.k.size(0):
-            for buf in (self.k, self.v):
-                part = buf[:, :, start:]
-                part.copy_(part.index_select(0, index))
-        else:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 class Attention(nn.Module):
@@ -217,12 +171,6 @@ def _split_fused_cross_qkv(module: Attention, state_dict: dict[str, Tensor], pre
             state_dict[f"{prefix}q.{name}"], state_dict[f"{prefix}kv.{name}"] = fused[:D], fused[D:]
 
 
-def causal_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor:
-    """(n_new, n_keys) bool: new token i (at key index n_keys - n_new + i) sees keys up to itself."""
-    offset = n_keys - n_new
-    return torch.arange(n_keys, device=device)[None, :] <= torch.arange(n_new, device=device)[:, None] + offset
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Feed-forward and the block
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,83 +229,6 @@ class Block(nn.Module):
             cross_kv = cache.cross_kv if cache is not None else None
             x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, mask=memory_mask, cache=cross_kv))
         return self._residual(x, self.norm3, self.mlp)
-
-
-@dataclass
-class LayerCache:
-    self_kv: KVCache = field(default_factory=KVCache)
-    cross_kv: KVCache = field(default_factory=KVCache)
-
-
-@dataclass
-class DecodeState:
-    """Everything incremental decoding carries between steps, for either architecture.
-
-    `key_pad` (B, S) marks source pads: masked in cross-attention (seq2seq) or among the cached prefix keys
-    (decoder-only). `pos` (B,) is the position id of the next token. After `make_static(n)` the self-attention
-    caches are fixed-size buffers updated in place, and the models decode one token per step against
-    `static_mask()`: the form a CUDA graph can replay (generate.beam_search(static=True)).
-    """
-
-    layers: list[LayerCache]
-    key_pad: Tensor
-    pos: Tensor
-    prefix_len: int = 0  # self-attention cache slots holding the source (decoder-only: S), the same in all beams
-    static_keys: Tensor | None = None  # static only: (B, capacity) bool, True at self-attention slots a query may see
-
-    @property
-    def length(self) -> int:
-        """Number of keys in the self-attention cache (its capacity, once static)."""
-        k = self.layers[0].self_kv.k
-        return 0 if k is None else k.size(2)
-
-    @property
-    def static(self) -> bool:
-        return self.static_keys is not None
-
-    def make_static(self, steps: int) -> None:
-        """Preallocate room for `steps` more tokens. Keys already cached stay visible, except the source pads of a
-        decoder-only prefix (the seq2seq self-attention cache starts empty)."""
-        B, P = self.key_pad.size(0), self.prefix_len
-        for layer in self.layers:
-            if layer.self_kv.k is None:  # seq2seq before its first token: shape the buffers like the cross K/V
-                _, nh, _, hs = layer.cross_kv.k.shape
-                layer.self_kv.k = layer.self_kv.v = layer.cross_kv.k.new_zeros(B, nh, 0, hs)
-            layer.self_kv.make_static(steps)
-        seen = torch.ones(B, self.length - steps, dtype=torch.bool, device=self.key_pad.device)  # keys cached so far
-        seen[:, :P] = ~self.key_pad[:, :P]
-        self.static_keys = torch.cat([seen, seen.new_zeros(B, steps)], 1)  # (B, capacity)
-        self.pos = self.pos.clone()  # advanced in place from now on
-
-    def advance(self, n: int) -> None:
-        """Positions move on by n decoded tokens (in place once static: a captured graph reads this tensor)."""
-        if self.static:
-            self.pos += n
-        else:
-            self.pos = self.pos + n
-
-    def static_mask(self) -> Tensor:
-        """(B, 1, 1, capacity): the keys the next token attends to, itself included; marks its slot as seen."""
-        slot = self.layers[0].self_kv.filled.view(1)
-        self.static_keys.index_fill_(1, slot, True)
-        return self.static_keys[:, None, None, :]
-
-    def reorder(self, index: Tensor, beams_only: bool = False) -> None:
-        """Keep/reorder batch rows (beam search); index (B',) into the current batch.
-
-        beams_only: every new row copies a row of the same source sentence (a beam step that dropped no sentence),
-        so what depends only on the source (cross-attention K/V, source pads, positions, and in a static cache the
-        decoder-only's source slots) is left as it is.
-        """
-        for layer in self.layers:
-            layer.self_kv.reorder(index, self.prefix_len if beams_only else 0)
-            if not beams_only:
-                layer.cross_kv.reorder(index)
-        if not beams_only:
-            self.key_pad = self.key_pad.index_select(0, index)
-            self.pos = self.pos.index_select(0, index)
-        if self.static_keys is not None and not beams_only:
-            self.static_keys = self.static_keys.index_select(0, index)
 
 
 def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
