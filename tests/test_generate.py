@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from translator import generate
+from translator import static_search
 from translator.generate import Hypothesis, beam_search, greedy, length_factor
+from translator.static_search import StaticState
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, UNK_ID
 
 A, B, C = 5, 6, 7  # ordinary tokens of the fake vocabulary
@@ -361,12 +362,12 @@ def test_real_min_len_static_equals_dynamic(real):
 
 
 def test_static_step_keeps_shapes_and_addresses(real):
-    """What a CUDA graph needs: after make_static, steps and beam reorders update the same tensors in place."""
+    """What a CUDA graph needs: in a StaticState, steps and beam reorders update the same tensors in place."""
     model, src = real
     with torch.inference_mode():
         state = model.init_state(src)
         state.reorder(torch.arange(src.size(0)).repeat_interleave(2))
-        state.make_static(6)
+        state = StaticState.of(state, 6)
 
         def buffers():
             return [(t.data_ptr(), t.shape) for layer in state.layers for t in (layer.self_kv.k, layer.self_kv.v)]
@@ -379,6 +380,8 @@ def test_static_step_keeps_shapes_and_addresses(real):
             state.reorder(torch.arange(state.pos.size(0)).view(-1, 2).flip(1).reshape(-1), beams_only=True)
         assert buffers() == before and state.pos.data_ptr() == pos
         assert int(state.layers[-1].self_kv.filled) == state.length - 6 + 4
+        with pytest.raises(ValueError, match="keeps its rows"):  # dropping rows would reallocate
+            state.reorder(torch.tensor([0]))
 
 
 def test_static_decoding_equals_dynamic_logits(real):
@@ -387,8 +390,7 @@ def test_static_decoding_equals_dynamic_logits(real):
     tokens = torch.randint(5, REAL_VOCAB, (src.size(0), 5), generator=torch.Generator().manual_seed(3))
     tokens[:, 0] = model.start_id
     with torch.inference_mode():
-        dynamic, static = model.init_state(src), model.init_state(src)
-        static.make_static(5)
+        dynamic, static = model.init_state(src), StaticState.of(model.init_state(src), 5)
         for t in range(5):
             want = model.decode_step(tokens[:, t : t + 1], dynamic)
             torch.testing.assert_close(model.decode_step(tokens[:, t : t + 1], static), want, atol=1e-5, rtol=1e-5)
@@ -429,8 +431,8 @@ def step_tensors(one_step) -> dict[str, torch.Tensor]:
                 for kind in ("self_kv", "cross_kv"):
                     kv = getattr(layer, kind)
                     out.update({f"{kind}{i}.{a}": getattr(kv, a) for a in ("k", "v", "filled")
-                                if getattr(kv, a) is not None})
-            out.update({a: getattr(value, a) for a in ("key_pad", "pos", "static_keys")})
+                                if getattr(kv, a, None) is not None})  # the cross K/V have no `filled`
+            out.update({a: getattr(value, a) for a in ("key_pad", "pos", "seen")})
     return out
 
 
@@ -455,7 +457,7 @@ def test_static_step_is_capturable(real, monkeypatch):
             if done.all():
                 break
 
-    monkeypatch.setattr(generate, "_run_static", audited)
+    monkeypatch.setattr(static_search, "_run_static", audited)
     kw = dict(beam_size=3, nbest=2, max_len_a=1.0, max_len_b=4)
     static, dynamic = beam_search(model, src, static=True, **kw), beam_search(model, src, **kw)
     assert checked and checked[0] >= 19  # the search's 11 tensors, the state's 3 and every layer's cache

@@ -16,16 +16,9 @@ import pytest
 import torch
 from conftest import ENV, REPO, read_pairs
 
+from translator.cache import KVCache, causal_mask
 from translator.config import Seq2SeqConfig
-from translator.layers import (
-    Attention,
-    KVCache,
-    Positions,
-    apply_rope,
-    causal_mask,
-    rope_cos_sin,
-    sinusoidal,
-)
+from translator.layers import Attention, Positions, apply_rope, rope_cos_sin, sinusoidal
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sinusoidal
@@ -191,7 +184,8 @@ def reference_attention(attn: Attention, x, y, allowed=None, rope_pos=None):
     """softmax(Q K^T / sqrt(hs)) V by hand with attn's weights; allowed (B, 1|nh, Lq, Lk) bool or None."""
     D, nh = x.size(-1), attn.n_heads
     hs = D // nh
-    W, b = attn.qkv.weight, attn.qkv.bias
+    projections = (attn.q, attn.kv) if attn.cross else (attn.qkv,)  # W, b: the rows of q, then k, then v
+    W, b = (torch.cat([getattr(p, name) for p in projections]) for name in ("weight", "bias"))
     q = x @ W[:D].T + b[:D]
     k = y @ W[D : 2 * D].T + b[D : 2 * D]
     v = y @ W[2 * D :].T + b[2 * D :]
@@ -210,12 +204,31 @@ def reference_attention(attn: Attention, x, y, allowed=None, rope_pos=None):
     return out @ attn.out.weight.T + attn.out.bias
 
 
-def make_attention(seed: int = 0, **overrides) -> Attention:
+def test_self_and_cross_attention_have_their_own_projections():
+    """Self-attention projects q, k, v of x with one (3D, D) weight; cross-attention q of x with a (D, D) one and k, v
+    of the memory with a (2D, D) one: no weight is sliced, and a self-attention module takes no memory."""
+    cfg = Seq2SeqConfig.preset("tiny", vocab_size=50)
+    D = cfg.d_model
+
+    def shapes(module):
+        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+    assert shapes(Attention(cfg)) == {"qkv.weight": (3 * D, D), "qkv.bias": (3 * D,), "out.weight": (D, D),
+                                      "out.bias": (D,)}
+    assert shapes(Attention(cfg, cross=True)) == {"q.weight": (D, D), "q.bias": (D,), "kv.weight": (2 * D, D),
+                                                  "kv.bias": (2 * D,), "out.weight": (D, D), "out.bias": (D,)}
+    x = torch.randn(2, 3, D)
+    with pytest.raises(ValueError, match="self-attention takes no memory"):
+        Attention(cfg)(x, x)
+
+
+def make_attention(seed: int = 0, cross: bool = False, **overrides) -> Attention:
     torch.manual_seed(seed)
-    attn = Attention(Seq2SeqConfig.preset("tiny", vocab_size=50, **overrides)).double().eval()
-    with torch.no_grad():  # non-zero biases, so that a mis-sliced bias would show
-        attn.qkv.bias.normal_()
-        attn.out.bias.normal_()
+    attn = Attention(Seq2SeqConfig.preset("tiny", vocab_size=50, **overrides), cross=cross).double().eval()
+    with torch.no_grad():  # non-zero biases, so that a misplaced bias would show
+        for name, p in attn.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
     return attn
 
 
@@ -229,10 +242,10 @@ def test_self_attention_matches_reference():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 7, 32, generator=g, dtype=torch.float64)
     mask = key_padding([7, 4, 1], 7)
-    torch.testing.assert_close(attn(x, x, mask), reference_attention(attn, x, x, mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(attn(x, mask=mask), reference_attention(attn, x, x, mask), rtol=0, atol=1e-12)
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     torch.testing.assert_close(
-        attn(x, x, is_causal=True), reference_attention(attn, x, x, causal[None, None]), rtol=0, atol=1e-12
+        attn(x, is_causal=True), reference_attention(attn, x, x, causal[None, None]), rtol=0, atol=1e-12
     )
 
 
@@ -242,24 +255,24 @@ def test_self_attention_with_rope_matches_reference():
     x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
     pos = torch.arange(9)
     cos, sin = rope_cos_sin(pos, 16)
-    out = attn(x, x, rope=(cos[None, None], sin[None, None]))
+    out = attn(x, rope=(cos[None, None], sin[None, None]))
     torch.testing.assert_close(out, reference_attention(attn, x, x, rope_pos=pos), rtol=0, atol=1e-12)
 
 
 def test_cross_attention_cached_equals_uncached():
-    attn = make_attention()
+    attn = make_attention(cross=True)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, 32, generator=g, dtype=torch.float64)
     memory = torch.randn(3, 6, 32, generator=g, dtype=torch.float64)
     mask = key_padding([6, 2, 5], 6)
-    uncached = attn(x, memory, mask)
+    uncached = attn(x, memory, mask=mask)
     cache = KVCache(*attn.project_kv(memory))
-    cached = attn(x, None, mask, cache=cache)
+    cached = attn(x, mask=mask, cache=cache)
     torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-12)
     torch.testing.assert_close(uncached, reference_attention(attn, x, memory, mask), rtol=0, atol=1e-12)
     # one query at a time against the cache gives the same rows
     for t in range(4):
-        one = attn(x[:, t : t + 1], None, mask, cache=cache)
+        one = attn(x[:, t : t + 1], mask=mask, cache=cache)
         torch.testing.assert_close(one, uncached[:, t : t + 1], rtol=0, atol=1e-12)
 
 
@@ -267,14 +280,13 @@ def test_self_attention_kv_cache_incremental_equals_full():
     attn = make_attention()
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 8, 32, generator=g, dtype=torch.float64)
-    full = attn(x, x, is_causal=True)
+    full = attn(x, is_causal=True)
     cache = KVCache()
     chunks = [3, 1, 2, 2]  # several tokens after cached ones need the offset causal mask
     start, outs = 0, []
     for n in chunks:
         mask = causal_mask(n, start + n, x.device)
-        h = x[:, start : start + n]  # self-attention is recognised by `y is x`
-        outs.append(attn(h, h, mask, cache=cache))
+        outs.append(attn(x[:, start : start + n], mask=mask, cache=cache))
         start += n
     assert cache.k.shape == (2, 2, 8, 16)
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-12)

@@ -286,6 +286,58 @@ def test_base_parameter_counts_match():
     assert abs(d_non - s_non) / s_non < 0.05, (s_non, d_non)
 
 
+def test_tied_weights_count_once():
+    """Tying shares one tensor between the embeddings and the output layer: counted once in the total, and left
+    out, like an untied output layer, of the non-embedding count."""
+    cfg = dict(vocab_size=V, d_model=32)
+    tied = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", **cfg))
+    untied = Seq2SeqTransformer(Seq2SeqConfig.preset("tiny", tie_embeddings=False, **cfg))
+    assert untied.num_parameters() - tied.num_parameters() == 2 * V * 32  # a target embedding and an output layer
+    assert untied.num_parameters(non_embedding=True) == tied.num_parameters(non_embedding=True)
+    assert tied.num_parameters(non_embedding=True) == tied.num_parameters() - V * 32 - sum(
+        p.numel() for p in tied.positions.parameters())
+
+
+@pytest.mark.parametrize("arch", ["seq2seq", "causal-lm"])
+def test_attention_projections_start_at_the_fused_scale(arch):
+    """Xavier's bound for a (3D, D) matrix in every attention's q, k, v, cross-attention's separate q and kv included
+    (their own shapes' bounds would be sqrt(2) and sqrt(4/3) times larger)."""
+    model = build(arch, dtype=torch.float32, d_model=256, n_heads=4)
+    bound = (6 / (256 + 3 * 256)) ** 0.5
+    weights = [p for name, p in model.named_parameters() if name.endswith(("qkv.weight", "q.weight", "kv.weight"))]
+    assert len(weights) == {"seq2seq": 4, "causal-lm": 2}[arch]  # tiny: 1 + 1 layers, or 2 layers
+    for w in weights:
+        assert 0.99 * bound < w.abs().max() <= bound
+
+
+def fused_cross_attention_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as saved before cross-attention had its own projections: one (3D, D) `qkv`, q's rows first."""
+    old = {}
+    for name, tensor in state.items():
+        if ".cross_attn.q." in name:
+            old[name.replace(".cross_attn.q.", ".cross_attn.qkv.")] = torch.cat(
+                [tensor, state[name.replace(".cross_attn.q.", ".cross_attn.kv.")]])
+        elif ".cross_attn.kv." not in name:
+            old[name] = tensor
+    return old
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_checkpoint_with_fused_cross_attention_loads(bias):
+    """Old checkpoints keep loading, also under a prefix (Lightning's `model.`), strictly, with the same logits."""
+    model = build("seq2seq", bias=bias)
+    old = fused_cross_attention_layout(model.state_dict())
+    assert sum(".cross_attn.qkv." in name for name in old) == model.config.n_decoder_layers * (1 + bias)
+    src, tgt = random_batch([6, 3], [5, 2], seed=7)
+    fresh = build("seq2seq", seed=1, bias=bias)
+    assert not torch.equal(fresh(src, tgt[:, :-1]), model(src, tgt[:, :-1]))
+    wrapper = torch.nn.Module()
+    wrapper.model = fresh
+    wrapper.load_state_dict({f"model.{name}": tensor for name, tensor in old.items()})
+    assert torch.equal(fresh(src, tgt[:, :-1]), model(src, tgt[:, :-1]))
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Overfitting real pairs
 # ---------------------------------------------------------------------------------------------------------------

@@ -113,14 +113,15 @@ def test_recomputed_attention_reproduces_the_module_output(loaded, arch):
     src_ids = tokenizer.encode(["Ein Mann fährt Fahrrad."])[0]
     tgt_ids = tokenizer.encode(["A man rides a bike."])[0]
     seen = {}
-    handle = attn.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    handle = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(args=args, kwargs=kwargs, out=out),
+                                        with_kwargs=True)
     try:
         with torch.no_grad():
             model(torch.tensor([src_ids]), torch.tensor([[model.config.bos_id, *tgt_ids]]))
     finally:
         handle.remove()
-    x, y, mask, is_causal, rope = (list(seen["args"]) + [None, False, None])[:5]
-    probs, v = recompute_attention(attn, x, y, mask, is_causal, rope)
+    assert seen["kwargs"].pop("cache") is None
+    probs, v = recompute_attention(attn, *seen["args"], **seen["kwargs"])
     out = attn.out((probs @ v).transpose(1, 2).flatten(2))
     torch.testing.assert_close(out, seen["out"], rtol=1e-4, atol=1e-5)
 

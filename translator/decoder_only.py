@@ -17,16 +17,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from translator.cache import DecodeState, LayerCache
 from translator.config import DecoderOnlyConfig
-from translator.layers import (
-    Block,
-    DecodeState,
-    LayerCache,
-    Positions,
-    causal_mask,
-    count_parameters,
-    init_weights,
-)
+from translator.layers import Block, Positions, count_parameters, init_weights
 
 
 class DecoderOnlyTransformer(nn.Module):
@@ -111,20 +104,11 @@ class DecoderOnlyTransformer(nn.Module):
 
     def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """tokens (B, n) -> logits (B, n, V); the state grows by n."""
-        B, n = tokens.shape
-        pos = state.pos[:, None] + torch.arange(n, device=tokens.device)  # (B, n)
-        if state.static:  # one token against fixed-size caches (CUDA graphs)
-            if n != 1:
-                raise ValueError(f"a static decode state takes one token per step, got {n}")
-            bound, mask = state.length, state.static_mask()
-        else:
-            start, S = state.length, state.key_pad.size(1)
-            bound = start + n  # bounds the ids: pos <= S + steps
-            keep = torch.cat([~state.key_pad, torch.ones(B, start + n - S, dtype=torch.bool, device=tokens.device)], 1)
-            mask = keep[:, None, None, :] & causal_mask(n, start + n, tokens.device)  # (B, 1, n, start+n)
+        n = tokens.size(1)
+        (pos, bound), (mask, is_causal) = state.positions(n), state.self_mask(n)
         x, rope = self._embed(tokens, pos, 1, bound)
         for block, cache in zip(self.blocks, state.layers):
-            x = block(x, mask=mask, rope=rope, cache=cache)
+            x = block(x, mask=mask, is_causal=is_causal, rope=rope, cache=cache)
         state.advance(n)
         return self.lm_head(self.norm(x))
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from translator.cache import DecodeState, KVCache, LayerCache
 from translator.export import MANIFEST
 from translator.generate import LENGTH_PENALTY
-from translator.layers import DecodeState, KVCache, LayerCache
 from translator.tokenizer import Tokenizer
 from translator.translate import Translation, encode_sources, translate
 

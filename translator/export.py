@@ -77,24 +77,21 @@ def _set_norm(spec, norm: nn.LayerNorm) -> None:
     spec.beta = norm.bias.detach().float().numpy().copy()
 
 
-def _set_attention(spec, attn: Attention, cross: bool) -> None:
-    """Our one (3D, D) projection: q, k, v stacked by rows, as CTranslate2 fuses self-attention's. Cross-attention
-    has q apart and k, v fused."""
-    w, b = attn.qkv.weight, attn.qkv.bias
-    D = w.size(1)
-    if cross:
-        _set_linear(spec.linear[0], w[:D], None if b is None else b[:D])
-        _set_linear(spec.linear[1], w[D:], None if b is None else b[D:])
+def _set_attention(spec, attn: Attention) -> None:
+    """CTranslate2 fuses q, k, v of self-attention (our `qkv`) and k, v of cross-attention (our `kv`)."""
+    if attn.cross:
+        _set_linear(spec.linear[0], attn.q.weight, attn.q.bias)
+        _set_linear(spec.linear[1], attn.kv.weight, attn.kv.bias)
     else:
-        _set_linear(spec.linear[0], w, b)
+        _set_linear(spec.linear[0], attn.qkv.weight, attn.qkv.bias)
     _set_linear(spec.linear[-1], attn.out.weight, attn.out.bias)
 
 
 def _set_block(spec, block: Block) -> None:
-    _set_attention(spec.self_attention, block.self_attn, cross=False)
+    _set_attention(spec.self_attention, block.self_attn)
     _set_norm(spec.self_attention.layer_norm, block.norm1)
     if block.cross_attn is not None:
-        _set_attention(spec.attention, block.cross_attn, cross=True)
+        _set_attention(spec.attention, block.cross_attn)
         _set_norm(spec.attention.layer_norm, block.norm2)
     fc, proj = block.mlp.fc, block.mlp.proj
     if block.mlp.activation == "swiglu":  # silu(gate) * up = CTranslate2's act(linear_0) * linear_0_noact

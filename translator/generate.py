@@ -15,7 +15,6 @@ dropout stays under the caller's control. They run under ``torch.inference_mode(
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Protocol
@@ -23,6 +22,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from translator import static_search
 from translator.tokenizer import BOS_ID, SEP_ID
 
 Penalty = Literal["gnmt", "average"]
@@ -93,11 +93,11 @@ def _banned_ids(model: DecodeModel) -> list[int]:
     return sorted({model.config.pad_id, BOS_ID, SEP_ID, model.start_id} - {eos})
 
 
-def _next_lprobs(model: DecodeModel, last: Tensor, state: DecodeState, banned: Tensor,
+def _next_lprobs(model: DecodeModel, banned: Tensor, last: Tensor, state: DecodeState,
                  force_eos: Tensor, ban_eos: Tensor) -> Tensor:
     """Float32 log-probs of the next token for each row, with banned ids at -inf.
 
-    last: (R, 1) previous token per row; banned: (n,) ids, on the device; force_eos: (R,) bool, rows that must end
+    banned: (n,) ids, on the device; last: (R, 1) previous token per row; force_eos: (R,) bool, rows that must end
     now (max length reached), which keep only eos (scored with the model's own eos log-prob); ban_eos: (R,) bool,
     rows that may not end yet (min length not reached; never together with force_eos). Returns (R, V).
     """
@@ -141,7 +141,7 @@ def greedy(
             if active.numel() == 0:
                 break
             force_eos = max_len[active] == t  # (A,)
-            lprobs = _next_lprobs(model, last, state, banned, force_eos, min_len[active] > t)  # (A, V)
+            lprobs = _next_lprobs(model, banned, last, state, force_eos, min_len[active] > t)  # (A, V)
             tok = lprobs.argmax(-1).masked_fill(force_eos, eos)  # (A,)
             ended = tok == eos  # (A,)
             if t < cap:
@@ -192,10 +192,10 @@ def beam_search(
     Two ways to run the same search, with the same results:
       - dynamic (default): done sentences are dropped from the batch (``state.reorder``), so they cost nothing
         afterwards; one host sync per step decides which rows remain;
-      - ``static=True``: every row stays to the end of the batch (a done sentence's rows run on, and are ignored),
-        the caches are fixed-size buffers, and each step updates fixed tensors in place. On CUDA the step is
-        captured once as a CUDA graph and replayed, so a step costs one launch instead of a few hundred; that is
-        what decoding small models on a GPU is bound by. Needs a model whose state has ``make_static``.
+      - ``static=True`` (``translator/static_search.py``): every row stays to the end of the batch (a done
+        sentence's rows run on, and are ignored), the caches are fixed-size buffers, and each step updates fixed
+        tensors in place, so that on CUDA the step is captured once as a CUDA graph and replayed. Needs a model whose
+        state is a ``translator.cache.DecodeState``.
     A sentence gets fewer than ``nbest`` hypotheses only if the model gives eos probability 0 (scripted models).
     """
     if beam_size < 1 or not 1 <= nbest <= beam_size:
@@ -224,8 +224,9 @@ def beam_search(
         scores = torch.full((B, K), -math.inf, device=device)  # (A, K) summed log-probs of live beams
         scores[:, 0] = 0.0
         fin = (fin_scores, fin_tokens, fin_lens)
+        next_lprobs = partial(_next_lprobs, model, banned)  # (last, state, force_eos, ban_eos) -> (R, V)
         if static:
-            _static_search(model, state, step, banned, max_len, min_len, cap, K, scores, tokens, last, fin)
+            static_search.search(next_lprobs, step, state, max_len, min_len, cap, K, scores, tokens, last, fin)
         else:
             active = torch.arange(B, device=device)  # (A,) original index of each live sentence
             act_max, act_min, act_fin = max_len, min_len, fin  # (A,) (A,) and the live sentences' finished ones
@@ -233,7 +234,7 @@ def beam_search(
                 A = active.numel()
                 force_eos = (act_max == t).repeat_interleave(K)  # (A*K,)
                 ban_eos = (act_min > t).repeat_interleave(K)  # (A*K,)
-                lprobs = _next_lprobs(model, last, state, banned, force_eos, ban_eos)  # (A*K, V)
+                lprobs = next_lprobs(last, state, force_eos, ban_eos)  # (A*K, V)
                 act_fin, next_beam, next_tok, next_scores, done = step(lprobs, scores, tokens, act_fin, t, act_max)
 
                 keep = (~done).nonzero().squeeze(1)  # (A',)  the step's one host sync
@@ -313,78 +314,3 @@ def _beam_step(
         shortest = length_factor(torch.zeros_like(best_live) + (t + 2.0), alpha, penalty)  # (A,)
         done |= full & (fin_scores.min(1).values >= best_live / torch.maximum(longest, shortest))
     return (fin_scores, fin_tokens, fin_lens), next_beam, next_tok, next_scores, done
-
-
-def _static_search(model, state, step, banned, max_len, min_len, cap, K, scores, tokens, last, fin) -> None:
-    """The loop of beam_search(static=True): all B sentences' rows stay; every tensor the step reads or writes has
-    a fixed shape and address (the search's own and, after ``make_static``, the cache's), so on CUDA one step is
-    captured as a CUDA graph and replayed. Writes the finished hypotheses into ``fin``."""
-    B, device = scores.size(0), scores.device
-    if B == 0:
-        return
-    state.make_static(cap + 1)
-    t = torch.zeros((), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-
-    def one_step() -> None:
-        force_eos = (max_len == t).repeat_interleave(K)  # (B*K,)
-        ban_eos = (min_len > t).repeat_interleave(K)  # (B*K,)
-        lprobs = _next_lprobs(model, last, state, banned, force_eos, ban_eos)  # (B*K, V)
-        new_fin, next_beam, next_tok, next_scores, now_done = step(lprobs, scores, tokens, fin, t, max_len,
-                                                                   frozen=done)
-        for old, new in zip(fin, new_fin):
-            old.copy_(new)
-        done.logical_or_(now_done)
-        index = (rows * K + next_beam).view(-1)  # (B*K,)
-        state.reorder(index, beams_only=True)  # in place
-        tokens.copy_(tokens.index_select(0, index))
-        tokens.index_copy_(1, t.view(1), next_tok.view(-1, 1))
-        last.copy_(next_tok.view(-1, 1))
-        scores.copy_(next_scores)
-        t.add_(1)
-
-    _run_static(one_step, done, cap)
-
-
-def _run_static(one_step: Callable[[], None], done: Tensor, cap: int) -> None:
-    """Run the static search's steps (at most cap + 1) until every sentence is done."""
-    device = done.device
-    if device.type != "cuda":
-        for _ in range(cap + 1):
-            one_step()
-            if done.all():  # the loop's one host sync
-                break
-        return
-    # CUDA: step 0 runs eagerly on a side stream (the warm-up capture needs), step 1 is recorded (not run) on that
-    # stream, and steps 1..cap are replays. Autocast's weight cache is off inside: cached casts made during capture
-    # would be freed under the graph.
-    autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-    with torch.cuda.device(device):
-        side = _side_stream(device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), autocast:
-            one_step()
-        torch.cuda.current_stream().wait_stream(side)
-        if cap == 0 or done.all():
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), autocast:
-            one_step()
-        for _ in range(cap):
-            graph.replay()
-            if done.all():  # the loop's one host sync
-                break
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per GPU for warm-up and capture: a new stream per batch would make cuBLAS keep a workspace
-    for each."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]

@@ -1,13 +1,14 @@
-"""Building blocks shared by both architectures: attention, positions, feed-forward, blocks, KV cache."""
+"""Building blocks shared by both architectures: positions, attention, feed-forward, the block."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translator.cache import KVCache, LayerCache
 from translator.config import TransformerConfig
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,117 +86,89 @@ class Positions(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention and the cache
+# Attention
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class KVCache:
-    """Keys and values of one attention layer, each (B, nh, L, hs).
-
-    Dynamic (default): `append` concatenates, so L grows by the new tokens. Static (`make_static`, for CUDA graphs):
-    k and v are (B, nh, capacity, hs) buffers written in place at slot `filled`, a () int64 tensor, so that every
-    decoding step sees tensors of the same shapes at the same addresses; slots >= filled hold stale values that the
-    caller masks out (`DecodeState.static_mask`).
-    """
-
-    k: Tensor | None = None
-    v: Tensor | None = None
-    filled: Tensor | None = None  # static caches only: slots written so far
-
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.filled is not None:
-            slots = self.filled + torch.arange(k.size(2), device=k.device)  # (n,)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            self.filled += k.size(2)
-            return self.k, self.v
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
-
-    def make_static(self, extra: int) -> None:
-        """Copy the keys so far into buffers with room for `extra` more."""
-        B, nh, L, hs = self.k.shape
-        k, v = self.k.new_zeros(B, nh, L + extra, hs), self.v.new_zeros(B, nh, L + extra, hs)
-        k[:, :, :L], v[:, :, :L] = self.k, self.v
-        self.k, self.v, self.filled = k, v, torch.tensor(L, device=k.device)
-
-    def reorder(self, index: Tensor, start: int = 0) -> None:
-        """Rows `index` of the cache. Static and of the same size: in place (a captured graph holds these buffers),
-        and only from slot `start` on (slots before it are the same in every row that replaces another)."""
-        if self.k is None:
-            return
-        if self.filled is not None and index.numel() == self.k.size(0):
-            for buf in (self.k, self.v):
-                part = buf[:, :, start:]
-                part.copy_(part.index_select(0, index))
-        else:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
-
-
 class Attention(nn.Module):
-    """Multi-head attention over SDPA, for self-attention and cross-attention alike.
+    """Multi-head attention over SDPA, built for one role; `forward(x, y=None)` as in torchtune.
 
-    One (3D, D) projection: self-attention computes q, k, v in one matmul; cross-attention takes q from x and k, v
-    from the memory with the same weights' slices. Rotary positions apply to self-attention only.
+    Self-attention (`cross=False`): q, k and v come from x through one fused (3D, D) projection `qkv`; rotary
+    positions rotate q and k; a `KVCache` appends the new keys and values and returns all of them.
+    Cross-attention (`cross=True`): q comes from x through `q` (D, D), k and v from the memory y through one fused
+    (2D, D) projection `kv`, or, with y None, from a `KVCache` that holds them (`project_kv(memory)`, once per
+    source). No positions here: the memory carries its own.
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, cross: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        D = cfg.d_model
+        self.n_heads, self.dropout, self.cross = cfg.n_heads, cfg.attn_dropout, cross
+        if cross:
+            self.q = nn.Linear(D, D, bias=cfg.bias)
+            self.kv = nn.Linear(D, 2 * D, bias=cfg.bias)
+            self.register_load_state_dict_pre_hook(_split_fused_cross_qkv)
+        else:
+            self.qkv = nn.Linear(D, 3 * D, bias=cfg.bias)
+        self.out = nn.Linear(D, D, bias=cfg.bias)
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, nh, L, hs)
         B, L, D = x.shape
         return x.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
 
     def project_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values of y (B, Lk, D), each (B, nh, Lk, hs)."""
-        D = y.size(-1)
-        b_kv = None if self.qkv.bias is None else self.qkv.bias[D:]
-        k, v = F.linear(y, self.qkv.weight[D:], b_kv).split(D, dim=-1)
+        """Cross-attention keys and values of the memory y (B, Lk, D), each (B, nh, Lk, hs)."""
+        k, v = self.kv(y).split(y.size(-1), dim=-1)
         return self._heads(k), self._heads(v)
+
+    def project(
+        self, x: Tensor, y: Tensor | None = None, *, rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries of x (B, Lq, D) and the keys and values they attend to: q (B, nh, Lq, hs), k and v
+        (B, nh, Lk, hs), as `forward` hands them to SDPA."""
+        if self.cross:
+            q = self._heads(self.q(x))
+            k, v = self.project_kv(y) if y is not None else (cache.k, cache.v)
+            return q, k, v
+        if y is not None:
+            raise ValueError("self-attention takes no memory y; build Attention(cfg, cross=True) for that")
+        q, k, v = map(self._heads, self.qkv(x).split(x.size(-1), dim=-1))  # (B, nh, Lq, hs) each
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, Lk, hs): the cached keys, then these
+        return q, k, v
 
     def forward(
         self,
         x: Tensor,
-        y: Tensor | None,
+        y: Tensor | None = None,
+        *,
         mask: Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Attend from x (B, Lq, D) to y: `y is x` for self-attention, the encoder memory (B, Lk, D) for
-        cross-attention, or None to reuse the cross-attention K/V already in `cache`. mask is bool, True = may
-        attend, broadcastable to (B, nh, Lq, Lk). Self-attention appends to the cache. Returns (B, Lq, D)."""
+        """Attend from x (B, Lq, D): to itself (self-attention), or to the memory y (B, Lk, D) or the K/V in
+        `cache` (cross-attention). mask is bool, True = may attend, broadcastable to (B, nh, Lq, Lk). Returns
+        (B, Lq, D)."""
         B, Lq, D = x.shape
-        if y is x:
-            q, k, v = self.qkv(x).split(D, dim=-1)
-            q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, nh, Lq, hs)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = cache.append(k, v)  # (B, nh, Lk, hs)
-        else:
-            w_q, b_q = self.qkv.weight[:D], None if self.qkv.bias is None else self.qkv.bias[:D]
-            q = self._heads(F.linear(x, w_q, b_q))
-            if y is None:
-                k, v = cache.k, cache.v  # projected once per source by project_kv
-            else:
-                k, v = self.project_kv(y)
+        q, k, v = self.project(x, y, rope=rope, cache=cache)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, Lq, hs)
         return self.out(out.transpose(1, 2).reshape(B, Lq, D))
 
 
-def causal_mask(n_new: int, n_keys: int, device: torch.device) -> Tensor:
-    """(n_new, n_keys) bool: new token i (at key index n_keys - n_new + i) sees keys up to itself."""
-    offset = n_keys - n_new
-    return torch.arange(n_keys, device=device)[None, :] <= torch.arange(n_new, device=device)[:, None] + offset
+def _split_fused_cross_qkv(module: Attention, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
+    """Load checkpoints saved when cross-attention, like self-attention, had one (3D, D) `qkv` projection: its rows
+    [:D] are the new `q`, rows [D:] the new `kv` (weight and bias alike)."""
+    for name in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{name}", None)
+        if fused is not None:
+            D = fused.size(0) // 3
+            state_dict[f"{prefix}q.{name}"], state_dict[f"{prefix}kv.{name}"] = fused[:D], fused[D:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +201,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_first = cfg.norm_first
         self.self_attn, self.norm1 = Attention(cfg), nn.LayerNorm(cfg.d_model)
-        self.cross_attn = Attention(cfg) if cross else None
+        self.cross_attn = Attention(cfg, cross=True) if cross else None
         self.norm2 = nn.LayerNorm(cfg.d_model) if cross else None
         self.mlp, self.norm3 = MLP(cfg), nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -250,99 +223,30 @@ class Block(nn.Module):
     ) -> Tensor:
         """x (B, L, D) -> (B, L, D). memory None with a cache: cross-attention K/V come from the cache."""
         self_kv = cache.self_kv if cache is not None else None
-        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, h, mask, is_causal, rope, self_kv))
+        x = self._residual(x, self.norm1, lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, rope=rope,
+                                                                   cache=self_kv))
         if self.cross_attn is not None:
             cross_kv = cache.cross_kv if cache is not None else None
-            x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, memory_mask, cache=cross_kv))
+            x = self._residual(x, self.norm2, lambda h: self.cross_attn(h, memory, mask=memory_mask, cache=cross_kv))
         return self._residual(x, self.norm3, self.mlp)
-
-
-@dataclass
-class LayerCache:
-    self_kv: KVCache = field(default_factory=KVCache)
-    cross_kv: KVCache = field(default_factory=KVCache)
-
-
-@dataclass
-class DecodeState:
-    """Everything incremental decoding carries between steps, for either architecture.
-
-    `key_pad` (B, S) marks source pads: masked in cross-attention (seq2seq) or among the cached prefix keys
-    (decoder-only). `pos` (B,) is the position id of the next token. After `make_static(n)` the self-attention
-    caches are fixed-size buffers updated in place, and the models decode one token per step against
-    `static_mask()`: the form a CUDA graph can replay (generate.beam_search(static=True)).
-    """
-
-    layers: list[LayerCache]
-    key_pad: Tensor
-    pos: Tensor
-    prefix_len: int = 0  # self-attention cache slots holding the source (decoder-only: S), the same in all beams
-    static_keys: Tensor | None = None  # static only: (B, capacity) bool, True at self-attention slots a query may see
-
-    @property
-    def length(self) -> int:
-        """Number of keys in the self-attention cache (its capacity, once static)."""
-        k = self.layers[0].self_kv.k
-        return 0 if k is None else k.size(2)
-
-    @property
-    def static(self) -> bool:
-        return self.static_keys is not None
-
-    def make_static(self, steps: int) -> None:
-        """Preallocate room for `steps` more tokens. Keys already cached stay visible, except the source pads of a
-        decoder-only prefix (the seq2seq self-attention cache starts empty)."""
-        B, P = self.key_pad.size(0), self.prefix_len
-        for layer in self.layers:
-            if layer.self_kv.k is None:  # seq2seq before its first token: shape the buffers like the cross K/V
-                _, nh, _, hs = layer.cross_kv.k.shape
-                layer.self_kv.k = layer.self_kv.v = layer.cross_kv.k.new_zeros(B, nh, 0, hs)
-            layer.self_kv.make_static(steps)
-        seen = torch.ones(B, self.length - steps, dtype=torch.bool, device=self.key_pad.device)  # keys cached so far
-        seen[:, :P] = ~self.key_pad[:, :P]
-        self.static_keys = torch.cat([seen, seen.new_zeros(B, steps)], 1)  # (B, capacity)
-        self.pos = self.pos.clone()  # advanced in place from now on
-
-    def advance(self, n: int) -> None:
-        """Positions move on by n decoded tokens (in place once static: a captured graph reads this tensor)."""
-        if self.static:
-            self.pos += n
-        else:
-            self.pos = self.pos + n
-
-    def static_mask(self) -> Tensor:
-        """(B, 1, 1, capacity): the keys the next token attends to, itself included; marks its slot as seen."""
-        slot = self.layers[0].self_kv.filled.view(1)
-        self.static_keys.index_fill_(1, slot, True)
-        return self.static_keys[:, None, None, :]
-
-    def reorder(self, index: Tensor, beams_only: bool = False) -> None:
-        """Keep/reorder batch rows (beam search); index (B',) into the current batch.
-
-        beams_only: every new row copies a row of the same source sentence (a beam step that dropped no sentence),
-        so what depends only on the source (cross-attention K/V, source pads, positions, and in a static cache the
-        decoder-only's source slots) is left as it is.
-        """
-        for layer in self.layers:
-            layer.self_kv.reorder(index, self.prefix_len if beams_only else 0)
-            if not beams_only:
-                layer.cross_kv.reorder(index)
-        if not beams_only:
-            self.key_pad = self.key_pad.index_select(0, index)
-            self.pos = self.pos.index_select(0, index)
-        if self.static_keys is not None and not beams_only:
-            self.static_keys = self.static_keys.index_select(0, index)
 
 
 def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
     """`cfg.init_std` None: Xavier-uniform linear layers and N(0, d^-1/2) embeddings (unit variance once scaled by
-    sqrt(d)); a number: N(0, init_std) for both (BART/Marian). Biases and the padding row start at zero."""
+    sqrt(d)); a number: N(0, init_std) for both (BART/Marian). Biases and the padding row start at zero.
+
+    Cross-attention's q and kv take Xavier's bound of one (3D, D) matrix, like self-attention's qkv: both attentions
+    start at the same scale, and a seed gives the weights it gave when cross-attention had one fused projection."""
+    fused = {id(p) for m in module.modules() if isinstance(m, Attention) and m.cross for p in (m.q.weight, m.kv.weight)}
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            if cfg.init_std is None:
-                nn.init.xavier_uniform_(m.weight)
-            else:
+            if cfg.init_std is not None:
                 nn.init.normal_(m.weight, std=cfg.init_std)
+            elif id(m.weight) in fused:
+                bound = math.sqrt(3.0) * math.sqrt(2.0 / (cfg.d_model + 3 * cfg.d_model))  # xavier_uniform_'s formula
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
@@ -353,14 +257,12 @@ def init_weights(module: nn.Module, cfg: TransformerConfig) -> None:
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
-    """Unique parameters; with non_embedding, token/position/segment embeddings and an untied output layer
-    are left out."""
-    params = {id(p): p for p in model.parameters()}
+    """Parameters, a tied weight once (`parameters()` yields each tensor once); with non_embedding, token/position/
+    segment embeddings and an untied output layer are left out."""
+    skip = set()
     if non_embedding:
-        for m in model.modules():
-            if isinstance(m, nn.Embedding):
-                params.pop(id(m.weight), None)
+        skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head = getattr(model, "lm_head", None)
         if head is not None:
-            params.pop(id(head.weight), None)
-    return sum(p.numel() for p in params.values())
+            skip.add(id(head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from translator.cache import KVCache, LayerCache
 from translator.decoder_only import DecoderOnlyTransformer
 from translator.export import empty_dir, write_bundle
-from translator.layers import KVCache, LayerCache
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import Tokenizer
 

@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from translator.cache import DecodeState, LayerCache
 from translator.config import Seq2SeqConfig
-from translator.layers import Block, DecodeState, LayerCache, Positions, causal_mask, count_parameters, init_weights
+from translator.layers import Block, Positions, count_parameters, init_weights
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -61,21 +62,12 @@ class Seq2SeqTransformer(nn.Module):
         """tgt (B, T) target inputs after whatever `state` holds; memory (B, S, D); src_pad_mask (B, S), True
         at pads. Returns logits (B, T, V). Without a state the pass is causal over tgt from position 0."""
         T = tgt.size(1)
-        memory_mask = ~src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
-        if state is not None and state.static:  # one token against fixed-size caches (CUDA graphs)
-            if T != 1:
-                raise ValueError(f"a static decode state takes one token per step, got {T}")
-            pos, bound, mask = state.pos[:, None], state.length, state.static_mask()
-            is_causal = False
+        if state is None:  # causal from position 0 (target pads sit at the end, after every real token); a constant
+            # is_causal, not `T > 1`: under torch.compile T is symbolic, and SDPA takes a Python bool only
+            pos, bound, mask, is_causal = torch.arange(T, device=tgt.device)[None], T, None, True  # pos (1, T)
         else:
-            start = 0 if state is None else state.length
-            pos, bound = torch.arange(start, start + T, device=tgt.device)[None], start + T  # (1, T)
-            # training: plain causal (target pads sit at the end, after every real token); cached decoding of one
-            # token needs no mask; several tokens after a cache need the offset causal mask
-            mask = causal_mask(T, start + T, tgt.device) if state is not None and T > 1 and start > 0 else None
-            # causal from position 0 (a 1 x 1 block is the same either way). Not `T > 1`: under torch.compile T is
-            # symbolic, and SDPA takes a Python bool only
-            is_causal = mask is None and start == 0
+            (pos, bound), (mask, is_causal) = state.positions(T), state.self_mask(T)
+        memory_mask = ~src_pad_mask[:, None, None, :]  # (B, 1, 1, S)
         x, rope = self._embed(self.tgt_embed, tgt, pos, bound)
         for i, block in enumerate(self.decoder):
             cache = state.layers[i] if state is not None else None

@@ -10,7 +10,7 @@ translation with score 0.
 
 `attention_map` recomputes attention weights from the model's own modules without changing the model: a forward
 pre-hook captures the inputs of the last decoder layer's attention module, and the weights are recomputed from its
-`qkv` projection as softmax(q k^T / sqrt(hs)) under the same mask. Encoder-decoder: that layer's cross-attention,
+own projection (`Attention.project`) as softmax(q k^T / sqrt(hs)) under the same mask. Encoder-decoder: that layer's cross-attention,
 (target x source). Decoder-only: the last block's self-attention, rows of the target positions restricted to the
 source prefix (so a row sums to the share of attention that goes to the source, <= 1).
 """
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translator.decoder_only import DecoderOnlyTransformer
 from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, MIN_LEN, PENALTY, Hypothesis, Penalty, beam_search
-from translator.layers import Attention, apply_rope
+from translator.layers import Attention
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import EOS_ID, PAD_ID, Tokenizer
 
@@ -165,29 +164,20 @@ class AttentionMap:
     target: list[str]
 
 
-def recompute_attention(attn: Attention, x: Tensor, y: Tensor | None, mask: Tensor | None = None,
+def recompute_attention(attn: Attention, x: Tensor, y: Tensor | None = None, mask: Tensor | None = None,
                         is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """The probabilities and values that `attn(x, y, mask, is_causal, rope)` feeds to SDPA (no cache, no dropout).
+    """The probabilities and values that `attn(x, y, mask=mask, is_causal=is_causal, rope=rope)` feeds to SDPA (no
+    cache, no dropout), from the module's own projection; the softmax in float32.
 
-    x (B, Lq, D), y (B, Lk, D) (`y is x`: self-attention). Returns probs (B, nh, Lq, Lk) in float32 and
-    v (B, nh, Lk, hs), so that `attn.out((probs @ v).transpose(1, 2).flatten(2))` equals the module's output.
+    x (B, Lq, D); y (B, Lk, D) the memory of a cross-attention module (None for self-attention). Returns probs
+    (B, nh, Lq, Lk) and v (B, nh, Lk, hs) in float32, so that `attn.out((probs @ v).transpose(1, 2).flatten(2))`
+    equals the module's output.
     """
-    x = x.float()
-    B, Lq, D = x.shape
-    weight = attn.qkv.weight.float()
-    bias = None if attn.qkv.bias is None else attn.qkv.bias.float()
-    heads = lambda t: t.view(B, t.size(1), attn.n_heads, D // attn.n_heads).transpose(1, 2)  # noqa: E731
-    if y is x:
-        q, k, v = map(heads, F.linear(x, weight, bias).split(D, dim=-1))  # (B, nh, L, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    else:
-        b_q, b_kv = (None, None) if bias is None else (bias[:D], bias[D:])
-        q = heads(F.linear(x, weight[:D], b_q))  # (B, nh, Lq, hs)
-        k, v = map(heads, F.linear(y.float(), weight[D:], b_kv).split(D, dim=-1))  # (B, nh, Lk, hs)
+    q, k, v = (t.float() for t in attn.project(x, y, rope=rope))  # (B, nh, Lq, hs), (B, nh, Lk, hs) twice
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Lq, Lk)
     if is_causal:
-        scores = scores.masked_fill(~torch.ones(Lq, k.size(2), dtype=torch.bool, device=x.device).tril(), -math.inf)
+        causal = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     return scores.softmax(-1), v
