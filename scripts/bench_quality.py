@@ -3,7 +3,7 @@
 
     python scripts/bench_quality.py --systems marian gpt2 encdec causal --minutes 14 --seeds 0 1 --out out/quality
     python scripts/bench_quality.py --systems encdec --steps 500 --tag post-ln \\
-        --ours-arg=--model.init_args.norm_first=false --out out/ablation        # one ablation arm
+        --ours-arg=--model.init_args.config.norm_first=false --out out/ablation        # one ablation arm
     python scripts/bench_quality.py --report out/ablation                       # the table of every run so far
 
 Systems, trained one after the other in this process's machine, each on the same token-budget batches:
@@ -122,7 +122,7 @@ def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, r
            "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"]
     if OURS[system] is not None:
         cmd += ["--model.class_path", "translator.module.DecoderOnlyModule",
-                "--model.init_args.prefix_mode", OURS[system]]
+                "--model.init_args.config.prefix_mode", OURS[system]]
     # a step budget lifts the recipe's time limit (and the reverse), so that a slow machine cannot cut a run short
     cmd += (["--trainer.max_steps", str(args.steps), "--trainer.max_time", "null"] if args.steps else
             ["--trainer.max_steps", "1000000", "--trainer.max_time", args.max_time])
@@ -355,7 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N pairs of each split only (smoke runs)")
     p.add_argument("--ckpt", default="last.ckpt", help="which of our checkpoints to test (a file name pattern)")
     p.add_argument("--ours-arg", action="append", default=[], help="an extra `translator fit` argument for ours "
-                   "(repeatable; write it as --ours-arg=--model.init_args.norm_first=false)")
+                   "(repeatable; write it as --ours-arg=--model.init_args.config.norm_first=false)")
     p.add_argument("--reuse", action="store_true", help="ours: evaluate a run already trained in OUT again instead "
                    "of training it (e.g. after changing the decoding defaults)")
     p.add_argument("--tag", default="", help="a name for this variant in the table")

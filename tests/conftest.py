@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from translator import module
 from translator.tokenizer import Tokenizer, interleave
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
-MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
+# {arch: the class path that selects it, e.g. for --model.class_path}
+MODULES = {arch: f"{cls.__module__}.{cls.__qualname__}" for arch, cls in module.MODULES.items()}
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

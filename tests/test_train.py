@@ -84,7 +84,7 @@ DECODER_ONLY = ["--model.class_path", "translator.module.DecoderOnlyModule"]
 ARCHS = {
     "seq2seq": [],
     "prefix-lm": DECODER_ONLY,
-    "causal-lm": [*DECODER_ONLY, "--model.init_args.prefix_mode", "causal"],
+    "causal-lm": [*DECODER_ONLY, "--model.init_args.config.prefix_mode", "causal"],
 }
 
 
@@ -192,9 +192,8 @@ def test_seq2seq_checkpoint_round_trip(trained_seq2seq):
 def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
     torch.manual_seed(0)
     dm = datamodule(tokenizer_file, limit_val_pairs=32)
-    module = DecoderOnlyModule(
-        preset="tiny", vocab_size=1000, prefix_mode="causal", positions="rope", segment_embeddings=True, bleu_every=0
-    )
+    module = DecoderOnlyModule(preset="tiny", vocab_size=1000, bleu_every=0,
+                               config={"prefix_mode": "causal", "positions": "rope", "segment_embeddings": True})
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     trainer.save_checkpoint(tmp_path / "decoder_only.ckpt")
@@ -362,7 +361,7 @@ def uneven_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def loss_module() -> Seq2SeqModule:
     torch.manual_seed(0)
-    return Seq2SeqModule(preset="tiny", vocab_size=100, dropout=0.0, attn_dropout=0.0)
+    return Seq2SeqModule(preset="tiny", vocab_size=100, config={"dropout": 0.0, "attn_dropout": 0.0})
 
 
 def _ddp_loss_rank(rank: int, port: int, out: str) -> None:
@@ -406,9 +405,9 @@ def test_ddp_loss_is_the_mean_over_all_ranks_tokens(tmp_path):
     "module",
     [
         lambda: Seq2SeqModule(preset="tiny", vocab_size=100),
-        lambda: Seq2SeqModule(preset="tiny", vocab_size=100, tie_embeddings=False, positions="learned"),
-        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, positions="learned", segment_embeddings=True),
-        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, activation="swiglu", tie_embeddings=False),
+        lambda: Seq2SeqModule(preset="tiny", vocab_size=100, config={"tie_embeddings": False, "positions": "learned"}),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, config={"positions": "learned", "segment_embeddings": True}),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, config={"activation": "swiglu", "tie_embeddings": False}),
     ],
     ids=["seq2seq-tied", "seq2seq-untied-learned", "decoder-learned-segments", "decoder-swiglu-untied"],
 )
