@@ -27,6 +27,7 @@ def load_script(name: str):
     """scripts/<name>.py as a module (scripts/ is not a package), for in-process `main(argv) -> exit code`."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
