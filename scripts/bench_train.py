@@ -262,7 +262,8 @@ def bare_loop(model: nn.Module, step_loss: Callable, optimizer: torch.optim.Opti
     return clock.intervals()
 
 
-def lightning_loop(cli: TranslatorCLI, tokenizer: Tokenizer, batches: list[BenchBatch], clock: StepClock) -> list[float]:
+def lightning_loop(cli: TranslatorCLI, tokenizer: Tokenizer, batches: list[BenchBatch],
+                   clock: StepClock) -> list[float]:
     """The built Trainer's `fit` of the built module over the cycled batches (CPU tensors, pinned: Lightning copies
     them), timed by the Trainer's `ClockCallback`."""
     cli.model.tokenizer = tokenizer
@@ -341,8 +342,9 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
     started = time.perf_counter()
     clock = StepClock(device)
     lightning = v.impl == "lightning"
+    callbacks = [ClockCallback(clock), TrainingClock()] if lightning else []  # TrainingClock: as the configs have it
     cli = build_recipe(args, config, device, size, compile=(v.compile or False) if lightning else False,
-                       steps=warmup + args.steps, callbacks=[ClockCallback(clock), TrainingClock()] if lightning else ())
+                       steps=warmup + args.steps, callbacks=callbacks)
     module, cfg = cli.model, cli.model.config
     if lightning:
         times = lightning_loop(cli, tokenizer, batches, clock)

@@ -52,7 +52,8 @@ def test_bench_train_runs_the_configs(tokenizer_file, tmp_path, monkeypatch, cap
     bench = load_script("bench_train")
     out = tmp_path / "train.json"
     assert bench.main(["--device", "cpu", "--preset", "tiny", "--tokens", "1024", "--steps", "2", "--warmup", "1",
-                       "--batches", "2", "--variants", "eager", "lightning", "--no-sdpa-report", "--data", str(MULTI30K),
+                       "--batches", "2", "--variants", "eager", "lightning", "--no-sdpa-report",
+                       "--data", str(MULTI30K),
                        "--tokenizer", tokenizer_file, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["arch"], r["variant"]) for r in result["results"]] == [
@@ -68,7 +69,8 @@ def test_time_to_bleu_builds_the_recipe_with_fit_arguments(tokenizer_file, tmp_p
     monkeypatch.chdir(tmp_path)
     ttb = load_script("time_to_bleu")
     out = tmp_path / "ttb.json"
-    assert ttb.main(["--config", str(REPO / "configs" / "encdec.yaml"), str(REPO / "configs" / "data" / "multi30k.yaml"),
+    configs = [str(REPO / "configs" / "encdec.yaml"), str(REPO / "configs" / "data" / "multi30k.yaml")]
+    assert ttb.main(["--config", *configs,
                      "--data", str(MULTI30K), "--tokenizer", tokenizer_file, "--device", "cpu", "--preset", "tiny",
                      "--max-steps", "4", "--num-workers", "0", "--max-tokens", "1024", "--eval-every-steps", "2",
                      "--eval-limit", "8", "--beam", "2", "--json", str(out),

@@ -88,8 +88,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn
 
 def training_seconds(ckpt: dict) -> float | None:
     """Seconds of training (validation included, over every resumed run) that led to a checkpoint as `read` returns
-    it: Lightning's `Timer` state (`translator.training_log.TrainingClock` puts a Timer in every run it logs), else the
-    `elapsed_s` that checkpoints written before the clock moved out of the module kept in their `translator` entry."""
+    it: Lightning's `Timer` state (`translator.logging_callbacks.TrainingClock` puts a Timer in every run it logs),
+    else the `elapsed_s` that checkpoints written before the clock left the module kept in their `translator` entry;
+    None when neither is there."""
     timer = ckpt.get("callbacks", {}).get("Timer")
     if timer is not None:
         return timer["time_elapsed"]["train"]

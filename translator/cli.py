@@ -51,7 +51,8 @@ from translator.tokenizer import Tokenizer
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the run's own checkpoints
 # the model fields that checkpoints saved before they moved under `--model.init_args.config` hold as init args
-_OLD_INIT_ARGS = {f.name for config, _ in checkpoint.ARCHS.values() for f in fields(config)} - {"vocab_size", "_presets"}
+_OLD_INIT_ARGS = {f.name for config, _ in checkpoint.ARCHS.values() for f in fields(config)}
+_OLD_INIT_ARGS -= {"vocab_size", "_presets"}  # still an init arg; not a field
 
 
 class SaveFitConfig(SaveConfigCallback):

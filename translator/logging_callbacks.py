@@ -111,7 +111,7 @@ class ContinueLog(L.Callback):
                 logger.keep_rows_before(trainer.global_step)
 
 
-# ---- the progress bar ----------------------------------------------------------------------------------------------------
+# ---- the progress bar ------------------------------------------------------------------------------------------------
 class TimeBoundProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar for a run that ``max_time`` may end first: the training bar's total (and so its ETA) is the
     steps done plus those the time left allows at the rate measured since training started (validation included),

@@ -4,7 +4,8 @@ schedule); one thin subclass per architecture of `translator.checkpoint.ARCHS`.
 The checkpoint is self-contained: `save_hyperparameters` stores the constructor arguments, and
 `on_save_checkpoint` adds the model config and the SentencePiece model (as a uint8 tensor), so that
 `translator.checkpoint.load` can rebuild model and tokenizer from the `.ckpt` alone, with
-`torch.load(weights_only=True)`. Throughput and training time are logged by `translator.training_log.TrainingClock`.
+`torch.load(weights_only=True)`. Throughput and training time are logged by a callback,
+`translator.logging_callbacks.TrainingClock`.
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ class TranslationModule(L.LightningModule):
             self.log(f"{stage}/chrf", metrics["chrf"].compute())
             self.log(f"{stage}/bleu_sentences", metrics["decoded"].compute())
             if not self._signature_logged and self.trainer.is_global_zero:
-                log.info("sacreBLEU signatures: BLEU %s | chrF %s", metrics["bleu"].signature, metrics["chrf"].signature)
+                bleu, chrf = metrics["bleu"].signature, metrics["chrf"].signature
+                log.info("sacreBLEU signatures: BLEU %s | chrF %s", bleu, chrf)
                 self._signature_logged = True
         for metric in metrics.values():
             metric.reset()
