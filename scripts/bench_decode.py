@@ -15,7 +15,7 @@ Two kinds of rows:
   end through ``translator.engines.CTranslate2Engine``: same sentences, beams and BLEU as the ``translate()`` rows.
 * The comparison with Hugging Face, always on randomly initialised models of the same size and configuration:
   ours (``Seq2SeqTransformer`` / ``DecoderOnlyTransformer``, preset ``--preset`` or the checkpoint's config) against
-  ``MarianMTModel`` / ``GPT2LMHeadModel`` (built as in ``bench_train.hf_model``). Fairness rule: **both sides run
+  ``MarianMTModel`` / ``GPT2LMHeadModel`` (``translator.bench.hf_model``). Fairness rule: **both sides run
   exactly the same number of decoder steps on the same batches**. Per batch, L = int(1.2 * longest source + 10);
   ours gets ``max_len_a=0, max_len_b=L`` and its eos row of the tied output layer is zeroed, so eos has logit 0
   while the top candidates of 8000 random logits are positive: every hypothesis runs to L tokens and is then
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import logging
 import sys
 import time
@@ -45,12 +44,10 @@ import torch
 from torch import Tensor, nn
 
 from translator import checkpoint, generate
+from translator.bench import autocast, hf_model, load_tokenizer, machine, sync, write_json
 from translator.config import TransformerConfig
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
-from translator.translate import encode_sources, pad, token_batches, translate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package: share bench_train's helpers
-from bench_train import MODULES, hf_model, load_tokenizer, machine
+from translator.translate import encode_sources, pad, resolve_device, token_batches, translate
 
 log = logging.getLogger("bench_decode")
 MAX_LEN_A, MAX_LEN_B = 1.2, 10  # generate's defaults
@@ -60,15 +57,6 @@ def read_lines(path: Path, limit: int | None) -> list[str]:
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     return lines[:limit] if limit else lines
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def timed(fn, batches: list, device: torch.device, warm=None) -> tuple[float, list]:
@@ -188,7 +176,7 @@ def random_ours(arch: str, cfg: TransformerConfig, device: torch.device) -> nn.M
     """A randomly initialised model whose eos logit is always 0 (eos row of the output layer zeroed): it never ends a
     hypothesis early, so it decodes exactly to the length cap."""
     torch.manual_seed(0)
-    model = MODULES[arch].model_class(cfg).to(device).eval()
+    model = checkpoint.ARCHS[arch][1](cfg).to(device).eval()
     with torch.no_grad():
         model.lm_head.weight[EOS_ID].zero_()
     return model
@@ -292,7 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--checkpoint", nargs="+", default=[], help="translator .ckpt files (either architecture)")
-    p.add_argument("--archs", nargs="+", choices=list(MODULES),
+    p.add_argument("--archs", nargs="+", choices=list(checkpoint.ARCHS),
                    help="architectures for the HF comparison (default: the checkpoints', else both)")
     p.add_argument("--preset", default="base", help="size of the random-init models when no checkpoint gives one")
     p.add_argument("--src", type=Path, default=Path("../shared/data/multi30k/test_2016_flickr.de.gz"))
@@ -319,8 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     sentences = read_lines(args.src, args.limit)
     refs = read_lines(args.ref, args.limit) if args.ref and args.ref.is_file() else None
     rows, models = [], {}
@@ -330,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
         models.setdefault(arch, (model.config, tokenizer))
         del model
     if not args.no_hf:
-        archs = args.archs or list(models) or list(MODULES)
+        archs = args.archs or list(models) or list(checkpoint.ARCHS)
         shared = None
         for arch in archs:
             if arch in models:
                 cfg, tokenizer = models[arch]
             else:
                 shared = shared or load_tokenizer(args.data, args.vocab_size, args.tokenizer)
-                cfg, tokenizer = MODULES[arch].config_class.preset(args.preset, vocab_size=shared.vocab_size), shared
+                config_class = checkpoint.ARCHS[arch][0]
+                cfg, tokenizer = config_class.preset(args.preset, vocab_size=shared.vocab_size), shared
             rows += comparison_rows(arch, cfg, tokenizer, sentences, args, device)
     ratios = ratio_rows(rows)
     print(f"\n## Decoding, {args.src.name} ({len(sentences)} sentences), {machine(device).get('gpu', 'CPU')}\n")
@@ -346,12 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| arch | search | ours / HF (sent/s = tok/s) |\n|---|---|---|")
         for r in ratios:
             print(f"| {r['arch']} | {r['search']} | {r['ours_over_hf']:.2f}x |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": machine(device), "command": " ".join(sys.argv), "rows": rows, "ratios": ratios,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}, indent=1))
-        log.info("wrote %s", args.json)
+    write_json(args.json, {"machine": machine(device), "command": " ".join(sys.argv), "rows": rows, "ratios": ratios,
+                           "args": vars(args)})
     return 0
 
 

@@ -19,20 +19,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from translator import generate
-from translator.config import DecoderOnlyConfig, Seq2SeqConfig
-from translator.decoder_only import DecoderOnlyTransformer
-from translator.seq2seq import Seq2SeqTransformer
+from translator.bench import hf_loss, hf_model
+from translator.checkpoint import ARCHS
+from translator.recipe import token_loss
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import hf_model, loss_fn
-
 V, B, S, T, STEPS = 64, 8, 12, 20, 20
+LABEL_SMOOTHING = 0.1
 
 
 def count_ops(fn) -> int:
@@ -52,10 +49,9 @@ def ms_per_call(fn, repeats: int = 10) -> float:
 
 
 def configs():
-    yield "seq2seq", Seq2SeqConfig(vocab_size=V, d_model=32, n_heads=2, d_ff=64, n_encoder_layers=3,
-                                   n_decoder_layers=3), Seq2SeqTransformer
-    yield "decoder_only", DecoderOnlyConfig(vocab_size=V, d_model=32, n_heads=2, d_ff=64, n_layers=7), \
-        DecoderOnlyTransformer
+    """(arch, config, model class) of each architecture: the base preset's depth at width 32."""
+    for arch, (config_class, model_class) in ARCHS.items():
+        yield arch, config_class.preset("base", vocab_size=V, d_model=32, n_heads=2, d_ff=64), model_class
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         ours, hf = cls(cfg), hf_model(arch, cfg)
         train = {}
-        for name, model, impl in (("ours", ours, "ours"), ("hf", hf, "hf")):
-            step_loss = loss_fn(impl, arch, model)
+        losses = {"ours": lambda src, tgt: token_loss(ours, src, tgt, LABEL_SMOOTHING)[0],
+                  "hf": hf_loss(arch, hf, LABEL_SMOOTHING)}
+        for name, model in (("ours", ours), ("hf", hf)):
+            step_loss = losses[name]
 
             def train_step(model=model, step_loss=step_loss):
                 step_loss(src, tgt).backward()

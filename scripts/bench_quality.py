@@ -3,7 +3,7 @@
 
     python scripts/bench_quality.py --systems marian gpt2 encdec causal --minutes 14 --seeds 0 1 --out out/quality
     python scripts/bench_quality.py --systems encdec --steps 500 --tag post-ln \\
-        --ours-arg=--model.init_args.norm_first=false --out out/ablation        # one ablation arm
+        --ours-arg=--model.init_args.config.norm_first=false --out out/ablation        # one ablation arm
     python scripts/bench_quality.py --report out/ablation                       # the table of every run so far
 
 Systems, trained one after the other in this process's machine, each on the same token-budget batches:
@@ -13,8 +13,9 @@ Systems, trained one after the other in this process's machine, each on the same
   default decoding settings;
 - ``marian``: HF ``MarianMTModel`` of the same size (post-LN, N(0, 0.02) init, embeddings scaled by sqrt(d)), and
   ``gpt2``: HF ``GPT2LMHeadModel`` over ``src <sep> tgt`` with the loss on the target; both in a plain PyTorch loop
-  with the recipe's optimiser, schedule, label smoothing, clipping and validation cadence (``--recipe``'s model and
-  trainer values), keeping the weights of the best validation loss, decoded with ``generate(num_beams=5)``.
+  with the recipe's optimiser, schedule, label smoothing, clipping and validation cadence (``--recipe`` as
+  ``translator fit`` builds it: `translator.cli.build`, `translator.recipe`), keeping the weights of the best
+  validation loss, decoded with ``generate(num_beams=5)``.
 
 Every system sees the batches of ``translator.data.TranslationDataModule`` built from the recipe's data section
 (the peers with ``pad_to_multiple=1``, what they were measured with) and the same SentencePiece model. Reported per
@@ -41,9 +42,9 @@ from typing import Any
 import sacrebleu
 import torch
 import torch.nn.functional as F
-import yaml
 
-from translator import checkpoint
+from translator import checkpoint, recipe
+from translator.cli import build
 from translator.compare import read_testset
 from translator.data import TranslationDataModule
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
@@ -52,30 +53,22 @@ from translator.translate import pad, translate
 REPO = Path(__file__).resolve().parents[1]
 OURS = {"encdec": None, "causal": "causal", "prefix": "bidirectional"}
 PEERS = ("marian", "gpt2")
-DATA_KEYS = ("src_lang", "tgt_lang", "vocab_size", "max_tokens", "max_len", "shuffle_buffer", "num_workers",
-             "pad_to_multiple")
 
 
 # ---- the recipe --------------------------------------------------------------------------------------------------
-def read_recipe(path: Path) -> dict[str, Any]:
-    recipe = yaml.safe_load(path.read_text()) or {}
-    return {key: recipe.get(key) or {} for key in ("model", "data", "trainer")}
+def recipe_args(args: argparse.Namespace, tokenizer: Path | None, seed: int) -> list[str]:
+    """`translator fit` arguments of the recipe on the local Multi30k: ours trains with them, the peers are built
+    from them (`translator.cli.build`)."""
+    return ["--config", str(args.recipe.resolve()), "--data.path", str(Path(args.data).resolve()),
+            "--data.val_split", "val", "--data.test_split", "test_2016_flickr", "--seed_everything", str(seed),
+            *(["--data.tokenizer", str(tokenizer.resolve())] if tokenizer else []),
+            *(["--model.init_args.preset", args.preset] if args.preset else [])]
 
 
 def seconds(max_time: str) -> float:
     """Lightning's "DD:HH:MM:SS" as seconds."""
     d, h, m, s = (int(x) for x in max_time.split(":"))
     return ((d * 24 + h) * 60 + m) * 60 + s
-
-
-def data_module(recipe: dict, data: str, tokenizer: Path, seed: int, pad_to_multiple: int | None = None):
-    args = {k: recipe["data"][k] for k in DATA_KEYS if k in recipe["data"]}
-    if pad_to_multiple is not None:
-        args["pad_to_multiple"] = pad_to_multiple
-    dm = TranslationDataModule(path=data, val_split="val", test_split="test_2016_flickr", tokenizer=str(tokenizer),
-                               seed=seed, **args)
-    dm.setup("fit")
-    return dm
 
 
 # ---- evaluation, shared by every system ----------------------------------------------------------------------------
@@ -115,20 +108,16 @@ def target_perplexity(nll_fn, tokenizer: Tokenizer, sources: list[str], referenc
 
 
 # ---- ours: the real CLI ----------------------------------------------------------------------------------------------
-def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, run_dir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "translator.cli", "fit", "--config", str(recipe_path.resolve()),
-           "--data.path", str(Path(args.data).resolve()), "--data.val_split", "val",
-           "--data.test_split", "test_2016_flickr", "--data.tokenizer", str(tokenizer.resolve()),
-           "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"]
+def run_ours(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> dict[str, Any]:
+    fit = [*recipe_args(args, tokenizer, seed), "--trainer.enable_progress_bar", "false"]
     if OURS[system] is not None:
-        cmd += ["--model.class_path", "translator.module.DecoderOnlyModule",
-                "--model.init_args.prefix_mode", OURS[system]]
+        fit += ["--model.class_path", "translator.module.DecoderOnlyModule",
+                "--model.init_args.config.prefix_mode", OURS[system]]
     # a step budget lifts the recipe's time limit (and the reverse), so that a slow machine cannot cut a run short
-    cmd += (["--trainer.max_steps", str(args.steps), "--trainer.max_time", "null"] if args.steps else
+    fit += (["--trainer.max_steps", str(args.steps), "--trainer.max_time", "null"] if args.steps else
             ["--trainer.max_steps", "1000000", "--trainer.max_time", args.max_time])
-    if args.preset:
-        cmd += ["--model.init_args.preset", args.preset]
-    cmd += args.ours_arg
+    fit += args.ours_arg
+    cmd = [sys.executable, "-m", "translator.cli", "fit", *fit]
     start = time.perf_counter()
     if args.reuse and next(run_dir.rglob(args.ckpt), None) is not None:
         print(f"reusing the trained {run_dir}: evaluating again", flush=True)
@@ -143,11 +132,9 @@ def run_ours(system: str, args, recipe_path: Path, tokenizer: Path, seed: int, r
     if ckpt is None:
         raise SystemExit(f"bench_quality.py: error: no {args.ckpt} under {run_dir}")
     model, tok, meta = checkpoint.load(ckpt)
-    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    saved = next(run_dir.rglob("config.yaml"), None)  # the resolved config of the run, --ours-arg included
-    resolved = yaml.safe_load(saved.read_text()) if saved else {"data": {}}
-    dm = data_module({"data": resolved["data"]}, args.data, tokenizer, seed)
-    result = {"steps": raw["global_step"], "train_s": meta.get("elapsed_s"), "fit_wall_s": wall,
+    raw = checkpoint.read(ckpt)
+    dm = build(fit).datamodule  # the run's data, --ours-arg included
+    result = {"steps": raw["global_step"], "train_s": checkpoint.training_seconds(raw), "fit_wall_s": wall,
               "tok_per_step": real_tokens_per_step(dm),
               "params": sum(p.numel() for p in model.parameters()),
               "command": " ".join(cmd), "checkpoint": str(ckpt.relative_to(run_dir))}
@@ -258,21 +245,23 @@ def peer_translate(system: str, model, tokenizer: Tokenizer, sentences: list[str
     return out
 
 
-def run_peer(system: str, args, recipe: dict, tokenizer: Path, seed: int, run_dir: Path) -> dict[str, Any]:
+def run_peer(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train an HF peer with the recipe as `translator fit` builds it: its module's hyper-parameters (preset, dropout,
+    label smoothing, `translator.recipe`'s optimiser and schedule), its trainer's clipping and validation cadence,
+    its data (batches not padded to a multiple, and shuffled by the run's seed)."""
+    cli = build([*recipe_args(args, tokenizer, seed), "--data.seed", str(seed), "--data.pad_to_multiple", "1"])
+    hp, dm, tr = cli.model.hparams, cli.datamodule, cli.trainer
+    dm.setup("fit")
     torch.manual_seed(seed)
-    m, tr = recipe["model"].get("init_args", {}), recipe["trainer"]
-    dm = data_module(recipe, args.data, tokenizer, seed, pad_to_multiple=1)
-    model = build_peer(system, dm.vocab_size, args.preset or m.get("preset", "base"), m.get("dropout", 0.1))
-    lr, warmup, smoothing = m.get("lr", 1e-3), max(1, m.get("warmup_steps", 1000)), m.get("label_smoothing", 0.1)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "wte" not in n
-             and "wpe" not in n]
-    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": m.get("weight_decay", 0.01)},
-                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-9)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s + 1 < warmup else math.sqrt(warmup / (s + 1)))
-    val_every, val_batches = tr.get("val_check_interval", 500), tr.get("limit_val_batches", 20)
-    clip = tr.get("gradient_clip_val", 1.0) or None
+    model = build_peer(system, dm.vocab_size, hp.preset, cli.model.config.dropout)
+    optimizer = recipe.adamw(model, hp.lr, hp.weight_decay)
+    schedule = recipe.lr_schedule(optimizer, hp.schedule, hp.warmup_steps, args.steps)
+    smoothing, clip = hp.label_smoothing, tr.gradient_clip_val
+    # validation every val_check_interval steps (an int; the train stream is endless: no epochs), on
+    # limit_val_batches batches (an int; else all of them)
+    val_every = cli.config.trainer.val_check_interval
+    val_every = val_every if isinstance(val_every, int) else None
+    val_batches = tr.limit_val_batches if isinstance(tr.limit_val_batches, int) else None
     budget = None if args.steps else seconds(args.max_time)
     best, best_loss, step, tokens, train_s = None, math.inf, 0, 0, 0.0
     start = time.perf_counter()
@@ -290,7 +279,7 @@ def run_peer(system: str, args, recipe: dict, tokenizer: Path, seed: int, run_di
         tokens += int((src != PAD_ID).sum()) + int((tgt[:, 1:] != PAD_ID).sum())
         elapsed = time.perf_counter() - start
         done = (args.steps and step >= args.steps) or (budget is not None and elapsed >= budget)
-        if step % val_every == 0 or done:
+        if (val_every and step % val_every == 0) or done:
             train_s = elapsed
             val_loss = validate_peer(system, model, dm, val_batches)
             if val_loss < best_loss:
@@ -311,12 +300,12 @@ def run_peer(system: str, args, recipe: dict, tokenizer: Path, seed: int, run_di
     return result
 
 
-def validate_peer(system: str, model, dm: TranslationDataModule, n_batches: int) -> float:
+def validate_peer(system: str, model, dm: TranslationDataModule, n_batches: int | None) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for i, batch in enumerate(dm.val_dataloader()):
-            if i >= n_batches:
+            if n_batches is not None and i >= n_batches:
                 break
             total += float(peer_loss(system, model, batch["src"], batch["tgt"], 0.0, "sum"))
             count += int((batch["tgt"][:, 1:] != PAD_ID).sum())
@@ -355,20 +344,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N pairs of each split only (smoke runs)")
     p.add_argument("--ckpt", default="last.ckpt", help="which of our checkpoints to test (a file name pattern)")
     p.add_argument("--ours-arg", action="append", default=[], help="an extra `translator fit` argument for ours "
-                   "(repeatable; write it as --ours-arg=--model.init_args.norm_first=false)")
+                   "(repeatable; write it as --ours-arg=--model.init_args.config.norm_first=false)")
     p.add_argument("--reuse", action="store_true", help="ours: evaluate a run already trained in OUT again instead "
                    "of training it (e.g. after changing the decoding defaults)")
     p.add_argument("--tag", default="", help="a name for this variant in the table")
     p.add_argument("--out", type=Path, default=Path("out/bench_quality"))
     p.add_argument("--report", type=Path, metavar="OUT", help="print the table of OUT/runs.jsonl and exit")
     args = p.parse_args(argv)
-    recipe = read_recipe(args.recipe) if args.recipe.is_file() else None
-    if recipe is None:
+    if not args.recipe.is_file():
         p.error(f"--recipe {args.recipe}: no such file")
-    args.recipe_dict = recipe
-    minutes = args.minutes
-    args.max_time = (f"00:00:{int(minutes):02d}:{round(60 * (minutes % 1)):02d}" if minutes is not None
-                     else recipe["trainer"].get("max_time", "00:00:14:00"))
     if args.report is None and not Path(args.data, "train.de.gz").is_file():
         p.error(f"--data {args.data}: no train.de.gz there")
     return args
@@ -381,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(runs))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = args.recipe_dict
     # one tokenizer for every system: trained once from the recipe's data settings, cached under OUT
-    dm = TranslationDataModule(path=args.data, tokenizer_dir=str(args.out / "tokenizers"),
-                               **{k: recipe["data"][k] for k in ("vocab_size",) if k in recipe["data"]})
-    dm.prepare_data()
-    tokenizer = dm.tokenizer_path
+    base = build([*recipe_args(args, None, args.seeds[0]), "--data.tokenizer_dir", str(args.out / "tokenizers")])
+    base.datamodule.prepare_data()
+    tokenizer = base.datamodule.tokenizer_path
+    minutes = args.minutes
+    args.max_time = (f"00:00:{int(minutes):02d}:{round(60 * (minutes % 1)):02d}" if minutes is not None
+                     else base.config.trainer.max_time or "00:00:14:00")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     runs = []
     for seed in args.seeds:
@@ -395,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             print(f"== {system} {args.tag} seed {seed}", flush=True)
             run = run_peer if system in PEERS else run_ours
-            result = run(system, args, recipe if system in PEERS else args.recipe, tokenizer, seed, run_dir)
+            result = run(system, args, tokenizer, seed, run_dir)
             result.update(system=system, tag=args.tag, seed=seed, machine=machine,
                           budget={"steps": args.steps} if args.steps else {"max_time": args.max_time})
             with open(args.out / "runs.jsonl", "a") as f:

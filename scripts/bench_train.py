@@ -6,8 +6,13 @@
 
 What runs (per architecture, per token budget, every variant on the *same* list of batches):
 
-* batches: `TokenBatches` over Multi30k train with ``max_tokens`` = the budget (sorted, shuffled, padded to multiples
-  of 8, exactly as training makes them), tokenizer trained once by `TranslationDataModule.prepare_data` and cached.
+* the recipe: each ``--configs`` file (default ``configs/encdec.yaml`` and ``configs/decoder_only.yaml``) with
+  ``configs/data/multi30k.yaml``, built as ``translator fit`` builds it (`translator.cli.build`), at ``--preset``:
+  model config (dropout included), label smoothing, AdamW, LR schedule and gradient clipping all come from there
+  (`translator.recipe`), for our models and the HF peers alike.
+* batches: the DataModule's train batches (``TranslationDataModule.batches("train")``) with ``max_tokens`` = the
+  budget (sorted, shuffled, padded to multiples of 8, exactly as training makes them), tokenizer trained once by
+  `TranslationDataModule.prepare_data` and cached.
   The first ``--batches`` batches filled to at least half the budget are kept (the tail batch of each sorted buffer is
   skipped) and cycled; warm-up steps cover every distinct batch shape before timing starts.
 * variants (``--variants``): ``eager`` = bf16 autocast (on a CPU only where it has bf16 arithmetic, see
@@ -15,8 +20,8 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   ``compile`` = ``torch.compile`` of forward + loss (as ``Seq2SeqModule(compile=True)`` does); ``reduce-overhead``
   = the same in ``mode="reduce-overhead"`` (CUDA graphs: one recording per batch shape; token-budget batches come in
   few shapes, see docs/benchmarks.md); ``lightning`` / ``lightning-compile`` / ``lightning-graphs`` = the real ``Trainer.fit``
-  path (``Seq2SeqModule`` / ``DecoderOnlyModule`` with ``compile`` False / True / "reduce-overhead", bf16-mixed,
-  gradient clipping) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
+  path (the config's module with ``compile`` False / True / "reduce-overhead", bf16-mixed, gradient clipping,
+  ``TrainingClock``) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
   ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
@@ -43,13 +48,11 @@ import gc
 import itertools
 import json
 import logging
-import math
-import platform
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +61,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translator import recipe
+from translator.bench import bf16_autocast, hf_loss, hf_model, machine, write_json
+from translator.cli import TranslatorCLI, build
 from translator.config import TransformerConfig, train_flops
-from translator.data import TokenBatches, TranslationDataModule, load_pairs
-from translator.module import DecoderOnlyModule, Seq2SeqModule, TranslationModule
-from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
+from translator.data import TranslationDataModule
+from translator.logging_callbacks import TrainingClock
+from translator.module import MODULES, TranslationModule
+from translator.tokenizer import PAD_ID, Tokenizer
+from translator.translate import resolve_device
 
 log = logging.getLogger("bench_train")
 
-MODULES: dict[str, type[TranslationModule]] = {"seq2seq": Seq2SeqModule, "decoder_only": DecoderOnlyModule}
-HF_CLASS = {"seq2seq": "MarianMTModel", "decoder_only": "GPT2LMHeadModel"}
-LABEL_SMOOTHING, CLIP, LR, WARMUP = 0.1, 1.0, 1e-3, 800  # the recipe's (configs/encdec.yaml)
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [REPO / "configs" / "encdec.yaml", REPO / "configs" / "decoder_only.yaml"]
+DATA_CONFIG = REPO / "configs" / "data" / "multi30k.yaml"
 
 
 @dataclass(frozen=True)
@@ -116,21 +124,30 @@ class BenchBatch:
         return self.src.numel() + self.tgt.numel()
 
 
-def load_tokenizer(data: str, vocab_size: int, tokenizer: str | None) -> Tokenizer:
-    """Train (once, cached under checkpoints/tokenizers) or load the joint SentencePiece model."""
-    dm = TranslationDataModule(data, val_split="val", test_split="test_2016_flickr", tokenizer=tokenizer,
-                               vocab_size=vocab_size, num_workers=0)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm.tokenizer
+def build_recipe(args: argparse.Namespace, config: Path, device: torch.device, max_tokens: int = 8192,
+                 compile: bool | str = False, steps: int = 1, callbacks: Sequence[L.Callback] = ()) -> TranslatorCLI:
+    """`translator fit --config CONFIG` with this run's data, tokenizer, preset and seed, built but not run: the module,
+    the DataModule (batches of `max_tokens`) and a Trainer for timing: `steps` steps on the device, no logger,
+    checkpoints, validation, progress bar or configured callbacks; `callbacks` instead."""
+    return build([
+        "--config", str(config), "--config", str(DATA_CONFIG), "--seed_everything", str(args.seed),
+        "--data.path", args.data, "--data.val_split", "val", "--data.test_split", "test_2016_flickr",
+        "--data.max_tokens", str(max_tokens), "--data.num_workers", "0", "--data.seed", str(args.seed),
+        *(["--data.tokenizer", args.tokenizer] if args.tokenizer else ["--data.vocab_size", str(args.vocab_size)]),
+        "--model.init_args.preset", args.preset, "--model.init_args.compile", json.dumps(compile).strip('"'),
+        "--trainer.accelerator", device.type, "--trainer.devices", "1", "--trainer.max_steps", str(steps),
+        "--trainer.precision", "bf16-mixed" if bf16_autocast(device) else "32-true", "--trainer.logger", "false",
+        "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+        "--trainer.num_sanity_val_steps", "0",
+    ], trainer_defaults={"callbacks": list(callbacks)})
 
 
-def make_batches(data: str, tokenizer: Tokenizer, max_tokens: int, n: int, seed: int, pin: bool) -> list[BenchBatch]:
-    """The first n Multi30k train batches of `max_tokens` that are at least half full (real batches, not synthetic)."""
-    stream = TokenBatches(load_pairs(data, "train"), tokenizer, max_tokens=max_tokens, max_len=128, pad_to_multiple=8,
-                          buffer_size=30_000, shuffle=True, passes=None, seed=seed)
+def make_batches(dm: TranslationDataModule, n: int, pin: bool) -> list[BenchBatch]:
+    """The first n training batches of the DataModule that are at least half full (real batches, not synthetic)."""
+    max_tokens = dm.hparams.max_tokens
     out = []
-    for b in itertools.islice(stream, 50 * n):
+    for b in itertools.islice(dm.batches("train"), 50 * n):
         if b["src"].numel() + b["tgt"].numel() < max_tokens // 2:
             continue
         src, tgt = (b["src"].pin_memory(), b["tgt"].pin_memory()) if pin else (b["src"], b["tgt"])
@@ -153,71 +170,23 @@ FLOPS_FORMULA = (
 )
 
 
-# ---- models and losses ---------------------------------------------------------------------------------------------
-def ours_module(arch: str, preset: str, vocab_size: int, compile: bool | str = False) -> TranslationModule:
-    return MODULES[arch](preset=preset, vocab_size=vocab_size, lr=LR, warmup_steps=WARMUP, dropout=0.1,
-                         compile=compile)
+# ---- losses and the optimiser --------------------------------------------------------------------------------------
 
 
-def hf_model(arch: str, cfg: TransformerConfig, attn_implementation: str = "sdpa") -> nn.Module:
-    """A randomly initialised Hugging Face model of our config's size: Marian (post-LN, sinusoidal) for seq2seq,
-    GPT-2 (pre-LN, learned positions) for decoder-only; ReLU FFN, tied embeddings, dropout 0.1, attention dropout 0."""
-    import transformers
-
-    common = {"vocab_size": cfg.vocab_size, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-              "tie_word_embeddings": True}
-    if arch == "seq2seq":
-        conf = transformers.MarianConfig(
-            d_model=cfg.d_model, encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
-            encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads, encoder_ffn_dim=cfg.d_ff,
-            decoder_ffn_dim=cfg.d_ff, max_position_embeddings=256, activation_function="relu", dropout=0.1,
-            attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True, decoder_start_token_id=BOS_ID,
-            forced_eos_token_id=None, share_encoder_decoder_embeddings=True, **common)
-        return transformers.AutoModelForSeq2SeqLM.from_config(conf, attn_implementation=attn_implementation)
-    conf = transformers.GPT2Config(
-        n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=512,
-        activation_function="relu", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, **common)
-    return transformers.AutoModelForCausalLM.from_config(conf, attn_implementation=attn_implementation)
+def loss_fn(impl: str, arch: str, model: nn.Module, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """(src, tgt) -> the recipe's loss (label-smoothed cross-entropy over the non-pad target tokens), ours or HF's."""
+    if impl == "hf":
+        return hf_loss(arch, model, label_smoothing)
+    return lambda src, tgt: recipe.token_loss(model, src, tgt, label_smoothing)[0]
 
 
-def _ce(logits: Tensor, tgt: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID,
-                           label_smoothing=LABEL_SMOOTHING)
-
-
-def gpt2_inputs(src: Tensor, tgt: Tensor) -> dict[str, Tensor]:
-    """Our decoder-only sequence `src <sep> y` for GPT-2: source pads masked and skipped by the position ids."""
-    keep = src != PAD_ID  # (B, S)
-    tgt_in = torch.cat([torch.full_like(tgt[:, :1], SEP_ID), tgt[:, 1:-1]], 1)  # (B, T)
-    T = tgt_in.size(1)
-    pos = torch.cat([(keep.long().cumsum(1) - 1).clamp(min=0),
-                     keep.sum(1, keepdim=True) + torch.arange(T, device=src.device)], 1)
-    mask = torch.cat([keep, torch.ones_like(tgt_in, dtype=torch.bool)], 1).long()
-    return {"input_ids": torch.cat([src, tgt_in], 1), "attention_mask": mask, "position_ids": pos,
-            "logits_to_keep": T}
-
-
-def loss_fn(impl: str, arch: str, forward: Callable) -> Callable[[Tensor, Tensor], Tensor]:
-    """(src, tgt) -> mean label-smoothed cross-entropy over non-pad target tokens, for our model or HF's."""
-    if impl != "hf":
-        return lambda src, tgt: _ce(forward(src, tgt[:, :-1]), tgt)
-    if arch == "seq2seq":
-        return lambda src, tgt: _ce(
-            forward(input_ids=src, attention_mask=(src != PAD_ID).long(), decoder_input_ids=tgt[:, :-1]).logits, tgt)
-    return lambda src, tgt: _ce(forward(**gpt2_inputs(src, tgt)).logits, tgt)
-
-
-def make_optimizer(model: nn.Module, fused: bool, foreach: bool | None = None
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW and the inverse-sqrt schedule of `TranslationModule.configure_optimizers`, for any model."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    params = list({id(p): p for p in model.parameters()}.values())
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if not (p.ndim >= 2 and id(p) not in embeddings)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.98), eps=1e-9, fused=fused or None, foreach=foreach)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min((step + 1) / WARMUP, math.sqrt(WARMUP / (step + 1))))
-    return opt, sched
+def make_optimizer(module: TranslationModule, model: nn.Module, total_steps: int, fused: bool | None = None,
+                   foreach: bool | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and schedule of `module.configure_optimizers` (`translator.recipe`, the module's hyper-parameters)
+    over any model, ours or HF's; `fused` / `foreach` pick torch's AdamW implementation."""
+    hp = module.hparams
+    optimizer = recipe.adamw(model, hp.lr, hp.weight_decay, fused=fused, foreach=foreach)
+    return optimizer, recipe.lr_schedule(optimizer, hp.schedule, hp.warmup_steps, total_steps)
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
@@ -265,21 +234,11 @@ class BatchList(torch.utils.data.Dataset):
         return {"src": b.src, "tgt": b.tgt}
 
 
-def bf16_autocast(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on this device: any CUDA GPU here; a CPU only with native bf16 arithmetic
-    (AVX512-BF16 or AMX), which torch reports at run time. Never assumed."""
-    if device.type == "cuda":
-        return True
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def bare_loop(model: nn.Module, step_loss: Callable, batches: list[BenchBatch], n_steps: int, v: Variant,
-              device: torch.device) -> list[float]:
+def bare_loop(model: nn.Module, step_loss: Callable, optimizer: torch.optim.Optimizer,
+              schedule: torch.optim.lr_scheduler.LRScheduler, clip: float | None, batches: list[BenchBatch],
+              n_steps: int, v: Variant, device: torch.device) -> list[float]:
     """Train for n_steps over the cycled batches; returns every step's time in seconds."""
-    # as configure_optimizers: fused on CUDA; on CPU torch's default (per-tensor) implementation
-    cuda = device.type == "cuda"
-    opt, sched = make_optimizer(model, fused=v.fused and cuda, foreach=True if cuda and not v.fused else None)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     amp = v.autocast and bf16_autocast(device)
     clock = StepClock(device)
     model.train()
@@ -292,28 +251,25 @@ def bare_loop(model: nn.Module, step_loss: Callable, batches: list[BenchBatch], 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = step_loss(src, tgt)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
         if v.item:
             loss.item()
         clock.mark()
     return clock.intervals()
 
 
-def lightning_loop(module: TranslationModule, tokenizer: Tokenizer, batches: list[BenchBatch], n_steps: int,
-                   device: torch.device) -> list[float]:
-    """`Trainer.fit` over the cycled batches (CPU tensors, pinned: Lightning copies them), timed by a callback."""
-    clock = StepClock(device)
-    module.tokenizer = tokenizer
-    trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_steps=n_steps, precision="bf16-mixed" if bf16_autocast(device) else
-        "32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=CLIP, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[ClockCallback(clock)])
+def lightning_loop(cli: TranslatorCLI, tokenizer: Tokenizer, batches: list[BenchBatch],
+                   clock: StepClock) -> list[float]:
+    """The built Trainer's `fit` of the built module over the cycled batches (CPU tensors, pinned: Lightning copies
+    them), timed by the Trainer's `ClockCallback`."""
+    cli.model.tokenizer = tokenizer
     # the batches are pinned already (as DataLoader(pin_memory=True) leaves them); Lightning copies them non_blocking
-    loader = torch.utils.data.DataLoader(BatchList(batches, n_steps), batch_size=None, shuffle=False)
-    trainer.fit(module, train_dataloaders=loader)
+    loader = torch.utils.data.DataLoader(BatchList(batches, cli.trainer.max_steps), batch_size=None, shuffle=False)
+    cli.trainer.fit(cli.model, train_dataloaders=loader)
     return clock.intervals()
 
 
@@ -376,32 +332,40 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def measure(arch: str, name: str, size: int, args, batches: list[BenchBatch], tokenizer: Tokenizer, cfg: TransformerConfig,
-            device: torch.device) -> dict:
+def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namespace, batches: list[BenchBatch],
+            tokenizer: Tokenizer, device: torch.device) -> dict:
+    """One row: variant `name` of the recipe `config` (architecture `arch`) on `batches` of `size` tokens."""
     v = VARIANTS[name]
     free_memory(device)
-    torch.manual_seed(args.seed)
-    run = batches
-    shapes = len({(b.src.shape, b.tgt.shape) for b in run})
-    warmup = args.warmup + (3 * len(run) if v.compile else 0)  # every shape compiled (and recorded) before timing
+    shapes = len({(b.src.shape, b.tgt.shape) for b in batches})
+    warmup = args.warmup + (3 * len(batches) if v.compile else 0)  # every shape compiled (and recorded) before timing
     started = time.perf_counter()
-    if v.impl == "lightning":
-        module = ours_module(arch, args.preset, cfg.vocab_size, compile=v.compile or False)
-        times = lightning_loop(module, tokenizer, run, warmup + args.steps, device)
+    clock = StepClock(device)
+    lightning = v.impl == "lightning"
+    callbacks = [ClockCallback(clock), TrainingClock()] if lightning else []  # TrainingClock: as the configs have it
+    cli = build_recipe(args, config, device, size, compile=(v.compile or False) if lightning else False,
+                       steps=warmup + args.steps, callbacks=callbacks)
+    module, cfg = cli.model, cli.model.config
+    if lightning:
+        times = lightning_loop(cli, tokenizer, batches, clock)
         n_params = module.model.num_parameters()
-        del module
     else:
-        model = (ours_module(arch, args.preset, cfg.vocab_size).model if v.impl == "ours"
-                 else hf_model(arch, cfg, args.hf_attn)).to(device)
-        step_loss = loss_fn(v.impl, arch, model)  # forward and loss, compiled together as the module does
-        if v.compile:
-            step_loss = torch.compile(step_loss, mode=v.compile)
-        times = bare_loop(model, step_loss, run, warmup + args.steps, v, device)
-        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        del model, step_loss
+        torch.manual_seed(args.seed)
+        model = (module.model if v.impl == "ours" else hf_model(arch, cfg, args.hf_attn)).to(device)
+        step_loss = loss_fn(v.impl, arch, model, module.hparams.label_smoothing)
+        if v.compile:  # forward and loss, compiled together as the module does
+            step_loss = recipe.compiled(v.compile, step_loss)
+        cuda = device.type == "cuda"  # as configure_optimizers: fused on CUDA; on CPU torch's default (per tensor)
+        optimizer, schedule = make_optimizer(module, model, warmup + args.steps, fused=v.fused and cuda,
+                                             foreach=True if cuda and not v.fused else None)
+        times = bare_loop(model, step_loss, optimizer, schedule, cli.trainer.gradient_clip_val, batches,
+                          warmup + args.steps, v, device)
+        n_params = sum(p.numel() for p in model.parameters())
+        del model, step_loss, optimizer
+    del cli, module
     wall = time.perf_counter() - started
     timed = times[warmup:]
-    timed_batches = [run[(warmup + i) % len(run)] for i in range(len(timed))]
+    timed_batches = [batches[(warmup + i) % len(batches)] for i in range(len(timed))]
     rates = [b.tokens / t for b, t in zip(timed_batches, timed)]
     flops = [train_flops(cfg, b.src_lens, b.tgt_lens) / t for b, t in zip(timed_batches, timed)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -470,27 +434,13 @@ def ratio_markdown(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> dict:
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "lightning": L.__version__, "device": str(device),
-            "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    return info
-
-
 # ---- main --------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
-    p.add_argument("--archs", nargs="+", default=list(MODULES), choices=list(MODULES))
+    p.add_argument("--configs", nargs="+", type=Path, default=CONFIGS, help="the recipes: `translator fit` configs")
+    p.add_argument("--archs", nargs="+", default=list(MODULES), choices=list(MODULES),
+                   help="only the recipes of these architectures")
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 8192, 16384, 65536, 131072],
                    help="token budgets (max_tokens, padded src + tgt per batch); 8192 is the recipe's")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
@@ -499,7 +449,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=8, help="distinct real batches per size, cycled")
     p.add_argument("--preset", default="base", help="model size preset (tiny/small/base)")
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--data", default="../shared/data/multi30k", help="Multi30k directory (or anything load_pairs reads)")
+    p.add_argument("--data", default="../shared/data/multi30k", help="Multi30k directory (--data.path)")
     p.add_argument("--tokenizer", help="a trained .model file (default: trained once and cached)")
     p.add_argument("--peak-tflops", type=float,
                    help="peak for MFU (default on CUDA: 800, the bf16 matmul rate measured on the H100; spec: 989)")
@@ -515,8 +465,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.peak_tflops is None and device.type == "cuda":
         args.peak_tflops = 800.0
     variants = []
@@ -536,27 +485,36 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("transformers is not installed: skipping the Hugging Face rows (pip install transformers)")
             variants = [n for n in variants if VARIANTS[n].impl != "hf"]
 
-    tokenizer = load_tokenizer(args.data, args.vocab_size, args.tokenizer)
+    recipes = {}  # {config: arch} of the recipes to run; the first one trains (or finds) the tokenizer
+    for config in args.configs:
+        cli = build_recipe(args, config, device)
+        if not recipes:
+            cli.datamodule.prepare_data()
+            args.tokenizer = args.tokenizer or str(cli.datamodule.tokenizer_path)
+        if cli.model.arch in args.archs:
+            recipes[config] = cli.model.arch
     rows, sdpa, failures = [], {}, []
     for size in args.tokens:
-        batches = make_batches(args.data, tokenizer, size, args.batches, args.seed, pin=device.type == "cuda")
+        dm = build_recipe(args, args.configs[0], device, size).datamodule
+        batches = make_batches(dm, args.batches, pin=device.type == "cuda")
         log.info("max_tokens %d: %d batches, %.0f real / %.0f padded tokens each (median)", size, len(batches),
                  statistics.median(b.tokens for b in batches), statistics.median(b.padded for b in batches))
-        for arch in args.archs:
-            cfg = MODULES[arch].config_class.preset(args.preset, vocab_size=tokenizer.vocab_size)
+        for config, arch in recipes.items():
             if not args.no_sdpa_report and arch not in sdpa:
-                sdpa[arch] = {"backend_probe": sdpa_backend_probe(cfg, batches[0], device)}
+                module = build_recipe(args, config, device, size).model
+                sdpa[arch] = {"backend_probe": sdpa_backend_probe(module.config, batches[0], device)}
                 for impl in ("ours", "hf"):
                     if impl == "hf" and not any(VARIANTS[n].impl == "hf" for n in variants):
                         continue
                     free_memory(device)
-                    model = (ours_module(arch, args.preset, cfg.vocab_size).model if impl == "ours"
-                             else hf_model(arch, cfg, args.hf_attn)).to(device)
-                    sdpa[arch][impl] = sdpa_dispatch(loss_fn(impl, arch, model), batches[0], device)
-                    del model
+                    model = (module.model if impl == "ours" else hf_model(arch, module.config, args.hf_attn)).to(device)
+                    step_loss = loss_fn(impl, arch, model, module.hparams.label_smoothing)
+                    sdpa[arch][impl] = sdpa_dispatch(step_loss, batches[0], device)
+                    del model, step_loss
+                del module
             for name in variants:
                 try:
-                    rows.append(measure(arch, name, size, args, batches, tokenizer, cfg, device))
+                    rows.append(measure(config, arch, name, size, args, batches, dm.tokenizer, device))
                 except Exception as err:  # one failing variant (OOM, compile error) must not end the sweep
                     log.exception("%s %s at %d tokens failed", arch, name, size)
                     failures.append({"arch": arch, "max_tokens": size, "variant": name,
@@ -574,13 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n## SDPA dispatch (profiler counts over one forward + backward; backend probe at the first batch)\n")
         print(json.dumps(sdpa, indent=1))
     print(f"\nMFU peak: {args.peak_tflops} TFLOP/s. {FLOPS_FORMULA}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {"machine": machine(device), "command": " ".join(sys.argv), "peak_tflops": args.peak_tflops,
-                  "flops_formula": FLOPS_FORMULA, "results": rows, "failures": failures, "ratios": ratio_entries, "sdpa": sdpa,
-                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-        args.json.write_text(json.dumps(result, indent=1))
-        log.info("wrote %s", args.json)
+    write_json(args.json, {"machine": machine(device), "command": " ".join(sys.argv), "peak_tflops": args.peak_tflops,
+                           "flops_formula": FLOPS_FORMULA, "results": rows, "failures": failures,
+                           "ratios": ratio_entries, "sdpa": sdpa, "args": vars(args)})
     return 0
 
 

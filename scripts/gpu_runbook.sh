@@ -79,9 +79,9 @@ part_ttb() {
 part_tune() {
   local variants=(
     "base::"
-    "lr2e-3_wu400::--model-arg lr=2e-3 --model-arg warmup_steps=400"
-    "wu400_do0.3::--model-arg warmup_steps=400 --model-arg dropout=0.3"
-    "lr2e-3_wu400_16k::--model-arg lr=2e-3 --model-arg warmup_steps=400 --max-tokens 16384"
+    "lr2e-3_wu400::--model.init_args.lr 2e-3 --model.init_args.warmup_steps 400"
+    "wu400_do0.3::--model.init_args.warmup_steps 400 --model.init_args.config.dropout 0.3"
+    "lr2e-3_wu400_16k::--model.init_args.lr 2e-3 --model.init_args.warmup_steps 400 --max-tokens 16384"
   )
   for v in "${variants[@]}"; do
     local name=${v%%::*} extra

@@ -4,11 +4,13 @@
     python scripts/time_to_bleu.py --json out/time_to_bleu.json                          # H100: the recipe
     python scripts/time_to_bleu.py --preset tiny --max-steps 20 --device cpu --num-workers 0   # CPU smoke test
 
-The recipe is read from the same YAML files the CLI uses (default ``configs/encdec.yaml`` and
-``configs/data/multi30k.yaml``: model class and init args, data settings, ``max_steps`` and ``gradient_clip_val``),
-with the data pointed at the local Multi30k copy (``--data``; splits ``train``/``val``/``test_2016_flickr``), and
-trained through the real path: ``Trainer.fit(module, datamodule)``, bf16-mixed on CUDA (``configs/trainer/gpu.yaml``),
-fp32 on CPU. Lightning's own validation, logging, checkpointing and progress bar are off.
+The recipe is built from the same YAML files as ``translator fit`` builds it (`translator.cli.build`; default
+``configs/encdec.yaml`` and ``configs/data/multi30k.yaml``: model, data, ``max_steps``, ``gradient_clip_val``), with
+the data pointed at the local Multi30k copy (``--data``; splits ``train``/``val``/``test_2016_flickr``), and any
+further ``translator fit`` argument after this script's own (e.g. ``--model.init_args.lr 2e-3``,
+``--model.init_args.config.dropout 0.3``). It trains through the real path: ``Trainer.fit(module, datamodule)``,
+bf16-mixed on CUDA (``configs/trainer/gpu.yaml``), fp32 on CPU. Lightning's own validation, logging, checkpointing,
+progress bar and the configs' callbacks are off.
 
 Clock: training time starts at ``on_train_start`` (so DataLoader start-up and the first batches count) and stops
 at each evaluation. Evaluation, every ``--eval-every-seconds`` of training time (or ``--eval-every-steps``) and at
@@ -20,67 +22,39 @@ reported as ``setup_s``. Note the trigger uses the *test* set, as the benchmark 
 speed, not model selection. Writes ``--json``.
 
 For tuning, evaluate on the validation split instead and cap the time: ``--test-split val --target 100
---max-seconds 100 --model-arg lr=2e-3`` gives the curve of validation BLEU against training time of one recipe
+--max-seconds 100 --model.init_args.lr 2e-3`` gives the curve of validation BLEU against training time of one recipe
 variant (``scripts/gpu_runbook.sh tune`` runs four).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import sacrebleu
 import torch
-import yaml
 
-import translator.module
+from translator.bench import autocast, sync, write_json
+from translator.cli import build
 from translator.data import TokenBatches, TranslationDataModule, load_pairs
 from translator.module import TranslationModule
+from translator.translate import resolve_device
 
 log = logging.getLogger("time_to_bleu")
-DATA_KEYS = {"src_lang", "tgt_lang", "vocab_size", "max_tokens", "max_len", "shuffle_buffer", "num_workers", "seed",
-             "pad_to_multiple"}
-
-
-def load_recipe(paths: list[Path]) -> dict[str, Any]:
-    """Merge the YAML configs the way LightningCLI stacks `--config` files (later files win, per top-level key)."""
-    recipe: dict[str, Any] = {"model": {}, "data": {}, "trainer": {}}
-    for path in paths:
-        for key, value in (yaml.safe_load(path.read_text()) or {}).items():
-            if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-                recipe[key] = {**recipe[key], **value}
-            else:
-                recipe[key] = value
-    return recipe
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a number when it reads as one (YAML would leave `2e-3` a string), else YAML."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class TimeToBleu(L.Callback):
-    """Keeps the training clock, runs the greedy evaluations and stops training at the target."""
+    """Keeps the training clock, runs the greedy evaluations and stops training at the target. `batches` (padded
+    sources and their references) are set before training starts."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, list[str]]], target: float, every_s: float, every_steps: int,
-                 device: torch.device, max_s: float | None = None) -> None:
-        self.batches, self.target, self.every_s, self.every_steps, self.device = batches, target, every_s, every_steps, device
+    def __init__(self, target: float, every_s: float, every_steps: int, device: torch.device,
+                 max_s: float | None = None) -> None:
+        self.batches: list[tuple[torch.Tensor, list[str]]] = []
+        self.target, self.every_s, self.every_steps, self.device = target, every_s, every_steps, device
         self.max_s = max_s
         self.history: list[dict[str, float]] = []
         self.hit: dict[str, float] | None = None
@@ -95,7 +69,7 @@ class TimeToBleu(L.Callback):
         sync(self.device)
         start = time.perf_counter()
         hyps, refs = [], []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             for src, texts in self.batches:
                 hyps += module.translate_ids(src, beam)
                 refs += texts
@@ -142,7 +116,9 @@ def eval_batches(data: str, split: str, dm: TranslationDataModule, max_tokens: i
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """This script's options, and in `args.fit` the `translator fit` arguments that follow them."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [options] [translator fit arguments, e.g. --model.init_args.lr 2e-3]")
     p.add_argument("--config", nargs="+", type=Path, default=[Path("configs/encdec.yaml"), Path("configs/data/multi30k.yaml")],
                    help="recipe YAML files, as given to `translator fit --config`")
     p.add_argument("--data", default="../shared/data/multi30k", help="local Multi30k directory")
@@ -154,10 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
     p.add_argument("--max-tokens", type=int, help="override data.max_tokens (the batch size)")
     p.add_argument("--num-workers", type=int, help="override data.num_workers")
-    p.add_argument("--compile", nargs="?", const=True, default=None, metavar="MODE",
+    p.add_argument("--compile", nargs="?", const="true", default=None, metavar="MODE",
                    help="train with the module's torch.compile option (a mode, e.g. reduce-overhead, or the default)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model init arg of the recipe (repeatable; VALUE a number or YAML), e.g. lr=2e-3")
     p.add_argument("--max-seconds", type=float, help="stop after this much training time (at an evaluation)")
     p.add_argument("--target", type=float, default=41.3, help="test2016 BLEU to reach")
     p.add_argument("--eval-every-seconds", type=float, default=5.0, help="greedy eval every N s of training (0: off)")
@@ -167,48 +141,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beam", type=int, default=5, help="beam size of the confirmation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
-    return p.parse_args(argv)
+    args, args.fit = p.parse_known_args(argv)
+    return args
+
+
+def fit_arguments(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The `translator fit` arguments of this run: the configs, the local data, this script's overrides, the user's
+    own, and a Trainer that only trains (the TimeToBleu callback evaluates)."""
+    overrides = {"--model.init_args.preset": args.preset, "--trainer.max_steps": args.max_steps,
+                 "--data.max_tokens": args.max_tokens, "--data.num_workers": args.num_workers,
+                 "--model.init_args.compile": args.compile, "--data.tokenizer": args.tokenizer}
+    return [
+        *(a for path in args.config for a in ("--config", str(path))), "--seed_everything", str(args.seed),
+        "--data.path", args.data, "--data.val_split", args.val_split, "--data.test_split", args.test_split,
+        *(a for key, value in overrides.items() if value is not None for a in (key, str(value))), *args.fit,
+        "--trainer.accelerator", device.type, "--trainer.devices", "1",
+        "--trainer.precision", "bf16-mixed" if device.type == "cuda" else "32-true", "--trainer.logger", "false",
+        "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar",
+        "false", "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+        "--trainer.num_sanity_val_steps", "0",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    recipe = load_recipe(args.config)
+    device = resolve_device(args.device)
     started = time.perf_counter()
-    L.seed_everything(args.seed, verbose=False)
-
-    data_args = {k: v for k, v in recipe["data"].items() if k in DATA_KEYS}
-    data_args.update(path=args.data, val_split=args.val_split, test_split=args.test_split, tokenizer=args.tokenizer)
-    for key in ("max_tokens", "num_workers"):
-        if getattr(args, key) is not None:
-            data_args[key] = getattr(args, key)
-    dm = TranslationDataModule(**data_args)
+    clock = TimeToBleu(args.target, args.eval_every_seconds, args.eval_every_steps, device, args.max_seconds)
+    fit = fit_arguments(args, device)
+    cli = build(fit, trainer_defaults={"callbacks": [clock]})
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
     dm.prepare_data()
     dm.setup("fit")
-    batches = eval_batches(args.data, args.test_split, dm, args.eval_tokens, args.eval_limit, device)
-    n_test = sum(len(texts) for _, texts in batches)
-
-    model_cfg = recipe["model"]
-    module_class = getattr(translator.module, model_cfg.get("class_path", "Seq2SeqModule").rsplit(".", 1)[-1])
-    init = dict(model_cfg.get("init_args", {}), vocab_size=dm.vocab_size)
-    if args.preset:
-        init["preset"] = args.preset
-    for item in args.model_arg:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise SystemExit(f"time_to_bleu.py: error: --model-arg {item!r}: expected KEY=VALUE")
-        init[key] = parse_value(value)
-    if args.compile is not None:
-        init["compile"] = args.compile
-    module = module_class(**init)
-    max_steps = args.max_steps or recipe["trainer"].get("max_steps", 8000)
-    clock = TimeToBleu(batches, args.target, args.eval_every_seconds, args.eval_every_steps, device, args.max_seconds)
-    trainer = L.Trainer(
-        accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=max_steps, gradient_clip_val=recipe["trainer"].get("gradient_clip_val"), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[clock])
+    clock.batches = eval_batches(args.data, args.test_split, dm, args.eval_tokens, args.eval_limit, device)
+    n_test = sum(len(texts) for _, texts in clock.batches)
     setup_s = time.perf_counter() - started
     trainer.fit(module, datamodule=dm)
 
@@ -222,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "beam_eval_s": beam_s, "steps": trainer.global_step, "train_s": clock.train_s, "eval_s": clock.eval_s,
         "first_step_s": clock.first_step_s, "setup_s": setup_s, "wall_s": time.perf_counter() - started,
         "test_pairs": n_test, "history": clock.history,
-        "recipe": {"module": module_class.__name__, "init_args": init, "data": data_args, "max_steps": max_steps,
-                   "gradient_clip_val": recipe["trainer"].get("gradient_clip_val"),
-                   "precision": trainer.precision, "configs": [str(p) for p in args.config]},
+        "recipe": {"model": cli.config.model.as_dict(), "data": cli.config.data.as_dict(),
+                   "max_steps": trainer.max_steps, "gradient_clip_val": trainer.gradient_clip_val,
+                   "precision": trainer.precision, "fit_arguments": fit},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "command": " ".join(sys.argv),
     }
@@ -232,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
              if clock.hit else f"did not reach {args.target} in {trainer.global_step} steps ({clock.train_s:.1f} s)")
     print(f"\n{state}; greedy {result['greedy_bleu']:.2f}, beam {args.beam} {beam_bleu:.2f} BLEU on {n_test} {args.test_split} pairs;"
           f" evaluation {clock.eval_s:.1f} s (excluded), setup {setup_s:.1f} s, first step {clock.first_step_s:.1f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        log.info("wrote %s", args.json)
+    write_json(args.json, result)
     return 0
 
 

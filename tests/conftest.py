@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from translator import module
 from translator.tokenizer import Tokenizer, interleave
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
-MODULES = {"seq2seq": "translator.module.Seq2SeqModule", "decoder_only": "translator.module.DecoderOnlyModule"}
+# {arch: the class path that selects it, e.g. for --model.class_path}
+MODULES = {arch: f"{cls.__module__}.{cls.__qualname__}" for arch, cls in module.MODULES.items()}
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
@@ -25,6 +27,7 @@ def load_script(name: str):
     """scripts/<name>.py as a module (scripts/ is not a package), for in-process `main(argv) -> exit code`."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -207,7 +207,7 @@ def test_impossible_value_is_named(files, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "arg, value, expected",
     [("schedule", "linear", "schedule='linear'"), ("compile", "fast", "compile='fast'"),
-     ("positions", "alibi", "positions='alibi'")],
+     ("config.positions", "alibi", "positions='alibi'")],
 )
 def test_impossible_model_value_is_named(arg, value, expected, files, tmp_path, capsys, monkeypatch):
     """The module's own check, although jsonargparse re-raises it as a Union validation error."""

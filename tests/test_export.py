@@ -45,7 +45,7 @@ def trained(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """{seq2seq, causal}: last.ckpt of tiny models trained for STEPS steps (validated once, at the end)."""
     once = ["--trainer.val_check_interval", str(STEPS)]
     runs = {"seq2seq": ["--model.class_path", MODULES["seq2seq"], *once],
-            "causal": ["--model.class_path", MODULES["decoder_only"], "--model.init_args.prefix_mode", "causal", *once]}
+            "causal": ["--model.class_path", MODULES["decoder_only"], "--model.init_args.config.prefix_mode", "causal", *once]}
     return fit_tiny(tmp_path_factory.mktemp("export_fit"), tokenizer, runs, steps=STEPS)
 
 

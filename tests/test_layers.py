@@ -161,7 +161,7 @@ def test_ddp_fit_with_a_long_pair_on_one_rank(tokenizer, tmp_path: Path):
             (data / f"{split}.{lang}").write_text("".join(p[side] + "\n" for p in pairs), encoding="utf-8")
     tokenizer.save(tmp_path / "tokenizer.model")
     cmd = [sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
-           "--model.class_path", "translator.module.DecoderOnlyModule", "--model.init_args.positions", "sinusoidal",
+           "--model.class_path", "translator.module.DecoderOnlyModule", "--model.init_args.config.positions", "sinusoidal",
            "--data.path", str(data), "--data.tokenizer", str(tmp_path / "tokenizer.model"), "--data.max_len", "192",
            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4",
            "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-from translator.callbacks import PREEMPTED_EXIT_CODE, RNG_KEY, ResumableCSVLogger, RNGState
+from translator.callbacks import PREEMPTED_EXIT_CODE, RNG_KEY, RNGState
 from translator.compare import read_training_log
+from translator.logging_callbacks import ResumableCSVLogger
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
@@ -42,7 +43,7 @@ def fit(run_dir: Path, tokenizer: Path, seed: int, *extra: str) -> subprocess.Po
     cmd = [
         sys.executable, "-m", "translator.cli", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
         "--data.path", str(MULTI30K), "--data.tokenizer", str(tokenizer), "--data.num_workers", "1",
-        "--model.init_args.dropout", "0.1", "--seed_everything", str(seed), "--trainer.max_steps", str(STEPS),
+        "--model.init_args.config.dropout", "0.1", "--seed_everything", str(seed), "--trainer.max_steps", str(STEPS),
         "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra,
     ]

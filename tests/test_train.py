@@ -84,7 +84,7 @@ DECODER_ONLY = ["--model.class_path", "translator.module.DecoderOnlyModule"]
 ARCHS = {
     "seq2seq": [],
     "prefix-lm": DECODER_ONLY,
-    "causal-lm": [*DECODER_ONLY, "--model.init_args.prefix_mode", "causal"],
+    "causal-lm": [*DECODER_ONLY, "--model.init_args.config.prefix_mode", "causal"],
 }
 
 
@@ -192,9 +192,8 @@ def test_seq2seq_checkpoint_round_trip(trained_seq2seq):
 def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
     torch.manual_seed(0)
     dm = datamodule(tokenizer_file, limit_val_pairs=32)
-    module = DecoderOnlyModule(
-        preset="tiny", vocab_size=1000, prefix_mode="causal", positions="rope", segment_embeddings=True, bleu_every=0
-    )
+    module = DecoderOnlyModule(preset="tiny", vocab_size=1000, bleu_every=0,
+                               config={"prefix_mode": "causal", "positions": "rope", "segment_embeddings": True})
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     trainer.save_checkpoint(tmp_path / "decoder_only.ckpt")
@@ -206,6 +205,46 @@ def test_decoder_only_checkpoint_round_trip(tokenizer_file, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(batch["src"], batch["tgt"][:, :-1]), module(batch["src"], batch["tgt"][:, :-1]))
     assert tokenizer.to_bytes() == module.tokenizer.to_bytes()
+
+
+def fails_in_one_line(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith("translator: error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("d_modle", "64", "unknown Seq2SeqConfig field(s) ['d_modle']"),
+    ("d_model", "wide", "d_model='wide': expected int"),
+    ("norm_first", "1", "norm_first=1: expected bool"),
+])
+def test_a_bad_model_config_field_is_one_line(field, value, expected, tokenizer_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", DEBUG, *data_args(tokenizer_file), f"--model.init_args.config.{field}", value]
+    assert expected in fails_in_one_line(args, capsys)
+
+
+def test_a_checkpoint_of_the_old_init_args_is_refused_by_name_and_still_loads(checkpoints, tokenizer_file, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Before the model fields moved under `config`, the hyper-parameters held them as init args (d_model: null, ...):
+    `--ckpt_path` refuses such a checkpoint in one line; `checkpoint.load` still reads its weights and training time."""
+    old = torch.load(checkpoints["seq2seq"], weights_only=True)
+    old["hyper_parameters"].pop("config")
+    old["hyper_parameters"].update(d_model=None, positions="sinusoidal", n_encoder_layers=None)
+    old["callbacks"].pop("Timer")
+    old["translator"]["elapsed_s"] = 12.5
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["translator"])
+    line = fails_in_one_line(["test", "--config", DEBUG, *data_args(tokenizer_file), "--ckpt_path", str(path)], capsys)
+    assert str(path) in line and "saved before the model fields moved under `config`" in line and "d_model" in line
+    model, _, meta = checkpoint.load(path)
+    assert meta["arch"] == "seq2seq" and checkpoint.training_seconds(checkpoint.read(path)) == 12.5
+    assert checkpoint.training_seconds(checkpoint.read(checkpoints["seq2seq"])) > 0  # the Timer's, in a new one
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
@@ -362,7 +401,7 @@ def uneven_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def loss_module() -> Seq2SeqModule:
     torch.manual_seed(0)
-    return Seq2SeqModule(preset="tiny", vocab_size=100, dropout=0.0, attn_dropout=0.0)
+    return Seq2SeqModule(preset="tiny", vocab_size=100, config={"dropout": 0.0, "attn_dropout": 0.0})
 
 
 def _ddp_loss_rank(rank: int, port: int, out: str) -> None:
@@ -406,9 +445,11 @@ def test_ddp_loss_is_the_mean_over_all_ranks_tokens(tmp_path):
     "module",
     [
         lambda: Seq2SeqModule(preset="tiny", vocab_size=100),
-        lambda: Seq2SeqModule(preset="tiny", vocab_size=100, tie_embeddings=False, positions="learned"),
-        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, positions="learned", segment_embeddings=True),
-        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100, activation="swiglu", tie_embeddings=False),
+        lambda: Seq2SeqModule(preset="tiny", vocab_size=100, config={"tie_embeddings": False, "positions": "learned"}),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100,
+                                  config={"positions": "learned", "segment_embeddings": True}),
+        lambda: DecoderOnlyModule(preset="tiny", vocab_size=100,
+                                  config={"activation": "swiglu", "tie_embeddings": False}),
     ],
     ids=["seq2seq-tied", "seq2seq-untied-learned", "decoder-learned-segments", "decoder-swiglu-untied"],
 )

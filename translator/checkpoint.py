@@ -1,4 +1,5 @@
-"""Load what translation needs from a `.ckpt` safely: `torch.load(weights_only=True)`, no arbitrary pickles."""
+"""Load what translation needs from a `.ckpt` safely: `torch.load(weights_only=True)`, no arbitrary pickles; and the
+one registry of architectures, `ARCHS` (name -> config and model class), which `translator.module` builds on."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from translator.config import DecoderOnlyConfig, Seq2SeqConfig
+from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfig
 from translator.decoder_only import DecoderOnlyTransformer
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import Tokenizer
 
-ARCHS = {"seq2seq": (Seq2SeqConfig, Seq2SeqTransformer), "decoder_only": (DecoderOnlyConfig, DecoderOnlyTransformer)}
+ARCHS: dict[str, tuple[type[TransformerConfig], type[nn.Module]]] = {
+    "seq2seq": (Seq2SeqConfig, Seq2SeqTransformer),
+    "decoder_only": (DecoderOnlyConfig, DecoderOnlyTransformer),
+}
+KEY = "translator"  # where TranslationModule.on_save_checkpoint puts {format, arch, config, tokenizer}
 
 
 class CheckpointError(ValueError):
@@ -41,7 +46,7 @@ def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {type(err).__name__}: {err}"
         ) from None
-    if not isinstance(ckpt, dict) or "translator" not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a translator checkpoint (no 'translator' entry); was it made by another program?")
     return ckpt
 
@@ -67,7 +72,7 @@ def _check_format(path: Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer, dict]:
     """(model in eval mode on `map_location`, tokenizer, checkpoint's `translator` entry) from a translator `.ckpt`."""
     ckpt = read(path)  # on the CPU: the tokenizer's bytes are read back through numpy, the model is moved at the end
-    meta = ckpt["translator"]
+    meta = ckpt[KEY]
     if meta.get("arch") not in ARCHS:
         raise CheckpointError(f"{path}: unknown architecture {meta.get('arch')!r}")
     config_class, model_class = ARCHS[meta["arch"]]
@@ -81,6 +86,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn
     return model.to(map_location).eval(), tokenizer, meta
 
 
+def training_seconds(ckpt: dict) -> float | None:
+    """Seconds of training (validation included, over every resumed run) that led to a checkpoint as `read` returns
+    it: Lightning's `Timer` state (`translator.logging_callbacks.TrainingClock` puts a Timer in every run it logs),
+    else the `elapsed_s` that checkpoints written before the clock left the module kept in their `translator` entry;
+    None when neither is there."""
+    timer = ckpt.get("callbacks", {}).get("Timer")
+    if timer is not None:
+        return timer["time_elapsed"]["train"]
+    return ckpt[KEY].get("elapsed_s")
+
+
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "current_model_state",
                   "averaging_state", "rng_states")
 
@@ -90,9 +106,9 @@ def average(paths: list[Path], ckpts: list[dict]) -> dict:
     their weights (float64 sums, each tensor's own dtype), the newest one's everything else, its training state
     (optimizer, loops, callbacks, weight-averaging state) left out. They must share architecture, config and
     tokenizer."""
-    first = ckpts[0]["translator"]
+    first = ckpts[0][KEY]
     for path, ckpt in zip(paths[1:], ckpts[1:]):
-        meta = ckpt["translator"]
+        meta = ckpt[KEY]
         for key in ("arch", "config"):
             if meta.get(key) != first.get(key):
                 raise CheckpointError(f"{path}: another model than {paths[0]} ({key} differs): average checkpoints "
@@ -107,5 +123,5 @@ def average(paths: list[Path], ckpts: list[dict]) -> dict:
                if tensor.is_floating_point() else tensor)
         for name, tensor in ckpts[-1]["state_dict"].items()
     }
-    out["translator"] = {**ckpts[-1]["translator"], "averaged": [str(p) for p in paths]}
+    out[KEY] = {**ckpts[-1][KEY], "averaged": [str(p) for p in paths]}
     return out

@@ -16,8 +16,10 @@ and the progress bar shares stdout.
 `export` (translator/export.py) writes a checkpoint as a CTranslate2 or ONNX serving directory; it is dispatched
 before LightningCLI, with its own argparse parser.
 
-The model is chosen by `class_path` (`translator.module.Seq2SeqModule` or `translator.module.DecoderOnlyModule`);
-the vocabulary size is linked from the data to the model, never typed twice.
+The model is chosen by `class_path` (`translator.module.Seq2SeqModule` or `translator.module.DecoderOnlyModule`),
+its size by `--model.init_args.preset`, and any field of its config (`translator.config`) by
+`--model.init_args.config.<field>` (e.g. `--model.init_args.config.positions rope`); the vocabulary size is linked
+from the data to the model, never typed twice. `build` gives the same objects without running them (the benchmarks).
 
 Errors in what the user gave (a missing file, malformed data, a bad or unsafe checkpoint, a tokenizer that does not
 match the checkpoint) end the command with one line, `translator: error: <message>`, and exit status 2, like
@@ -30,21 +32,27 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from translator import checkpoint
-from translator.callbacks import TimeBoundProgressBar, TranslationWriter
+from translator.callbacks import TranslationWriter
 from translator.data import TranslationDataModule
+from translator.logging_callbacks import TimeBoundProgressBar
 from translator.module import TranslationModule
 from translator.tokenizer import Tokenizer
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning among the run's own checkpoints
-_DECODING_HPARAMS = ("test_beam_size", "length_penalty")  # chosen at decoding time, not taken from a checkpoint
+# the model fields that checkpoints saved before they moved under `--model.init_args.config` hold as init args
+_OLD_INIT_ARGS = {f.name for config, _ in checkpoint.ARCHS.values() for f in fields(config)}
+_OLD_INIT_ARGS -= {"vocab_size", "_presets"}  # still an init arg; not a field
 
 
 class SaveFitConfig(SaveConfigCallback):
@@ -56,35 +64,32 @@ class SaveFitConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+class Trainer(L.Trainer):
+    """Lightning's Trainer, whose `predict` also takes `predict_output`. LightningCLI gives each subcommand the
+    arguments of the Trainer method of its name, so `--predict_output` belongs to `translator predict` alone: fit,
+    validate and test (and the config.yaml that fit saves) never see it."""
+
+    def predict(self, model: L.LightningModule | None = None, dataloaders: Any = None,
+                datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = False,
+                ckpt_path: str | None = None, predict_output: str | None = None, **kwargs: Any) -> Any:
+        """Translate; see `lightning.Trainer.predict` for the other arguments.
+
+        Args:
+            return_predictions: keep the translations in memory too (the file is written either way).
+            predict_output: write the translations here, one line per input line, in input order (.gz: gzip),
+                with `translator.callbacks.TranslationWriter`; nothing is logged then: a configured logger would
+                write into the training run's log directory (Lightning's CSVLogger would even empty its metrics.csv).
+        """
+        if predict_output is not None:
+            self.callbacks.append(TranslationWriter(predict_output))
+            self.logger = None
+        return super().predict(model=model, dataloaders=dataloaders, datamodule=datamodule,
+                               return_predictions=return_predictions, ckpt_path=ckpt_path, **kwargs)
+
+
 class TranslatorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-
-    # LightningCLI calls add_arguments_to_parser for every subcommand alike; predict's own argument is added to its
-    # parser alone, so that fit, validate and test (and the config.yaml fit saves) never see it.
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "predict":
-            parser.add_argument(
-                "--predict_output", type=str | None, default=None,
-                help="write the translations here, one line per input line, in input order (.gz: gzip)",
-            )  # fmt: skip
-            parser.set_defaults(return_predictions=False)  # TranslationWriter writes them; no second copy in memory
-        return parser
-
-    # Lightning merges a --ckpt_path's hyper-parameters into the parsed config, over the config files and the command
-    # line alike (Lightning-AI/pytorch-lightning#20801): `--model.test_beam_size 5` would be silently ignored. The
-    # architecture must come from the checkpoint, but the decoding settings are the user's: keep the parsed ones.
-    def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        init_args = self.config[subcommand].model.get("init_args") if subcommand else None
-        chosen = {key: init_args[key] for key in _DECODING_HPARAMS if key in init_args} if init_args else {}
-        super()._parse_ckpt_path()
-        model = self.config[subcommand].model if chosen else None
-        for key, value in chosen.items():
-            model.init_args[key] = value
-            if model.get("dict_kwargs"):  # where Lightning puts them for a class path saved in the checkpoint
-                model.dict_kwargs.pop(key, None)
 
     # A --ckpt_path file is read safely (translator.checkpoint.read: weights_only=True) right after parsing: Lightning
     # itself loads it next (LightningCLI merges its hyperparameters into the config) and would fail with torch's
@@ -100,7 +105,9 @@ class TranslatorCLI(LightningCLI):
             if not self.config.predict.predict_output:
                 raise ValueError("translator predict needs --predict_output FILE: where to write the translations")
         if path is not None and str(path) not in _SPECIAL_CKPT_PATHS and not str(path).startswith("registry"):
-            self._ckpt_meta = (str(path), checkpoint.read(path)["translator"])
+            ckpt = checkpoint.read(path)
+            _check_hparams_layout(path, ckpt.get("hyper_parameters", {}))
+            self._ckpt_meta = (str(path), ckpt[checkpoint.KEY])
 
     def before_fit(self) -> None:
         self._check_ckpt_matches()
@@ -114,10 +121,6 @@ class TranslatorCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_ckpt_matches()
-        self.trainer.callbacks.append(TranslationWriter(self.config.predict.predict_output))
-        # predict logs nothing, and a configured logger would write into the training run's log directory (Lightning's
-        # CSVLogger would even empty its metrics.csv)
-        self.trainer.logger = None
 
     def _check_ckpt_matches(self) -> None:
         """Refuse a checkpoint of the other architecture, or made with another tokenizer than the data's.
@@ -155,6 +158,28 @@ class TranslatorCLI(LightningCLI):
             return None
         path = dm.tokenizer_path
         return str(path) if path.is_file() else None
+
+
+def _check_hparams_layout(path: str, hparams: dict[str, Any]) -> None:
+    """Refuse, by name, a checkpoint whose hyper-parameters name model fields as init args (`d_model`, ...): Lightning
+    would pass them to the module, which takes them in `config` now, and fail with a TypeError."""
+    old = sorted(_OLD_INIT_ARGS & set(hparams))
+    if old:
+        raise checkpoint.CheckpointError(
+            f"{path}: saved before the model fields moved under `config` (its hyper-parameters have {', '.join(old[:3])}"
+            ", ... as init args); --ckpt_path needs a checkpoint of the current layout. Its weights still load with "
+            "translator.checkpoint.load (scripts/translate.py, translator export)"
+        )
+
+
+def build(args: list[str], **kwargs: Any) -> TranslatorCLI:
+    """What `translator fit ARGS` builds, not run: `.model`, `.datamodule`, `.trainer` and the parsed `.config`. The
+    benchmarks take the recipe from the configs this way. `kwargs` go to LightningCLI (e.g. `trainer_defaults=
+    {"callbacks": [...]}`, callbacks beside the configured ones); ARGS seed with `--seed_everything N`."""
+    with warnings.catch_warnings():  # a script that builds from its own arguments has a sys.argv of its own too
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return TranslatorCLI(TranslationModule, TranslationDataModule, subclass_mode_model=True, trainer_class=Trainer,
+                             save_config_callback=None, run=False, args=args, **kwargs)
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -204,6 +229,7 @@ def main(args: list[str] | None = None) -> None:
             TranslationModule,
             TranslationDataModule,
             subclass_mode_model=True,
+            trainer_class=Trainer,
             save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             args=args,

@@ -16,7 +16,8 @@ differ by well under 1% (`tests/test_models.py` checks the 5% bound).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from types import UnionType
+from typing import Any, get_args, get_type_hints
 
 import torch
 
@@ -72,13 +73,19 @@ class TransformerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        """A named preset with some fields overridden; `None` overrides are ignored."""
+        """A named preset with some fields overridden; `None` overrides are ignored. An unknown field, or a value of
+        another type than the field's (an int for a float field is fine), raises a ValueError that names it."""
         if name not in cls._presets:
             raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(cls._presets)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
+        hints = get_type_hints(cls)
+        types = {f.name: hints[f.name] for f in fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(overrides) - set(types))
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; its fields: {', '.join(types)}")
+        for key, value in overrides.items():
+            if value is not None and not _has_type(value, types[key]):
+                kind = getattr(types[key], "__name__", types[key])
+                raise ValueError(f"{key}={value!r}: expected {kind} ({cls.__name__}.{key})")
         return cls(**{**cls._presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,6 +93,17 @@ class TransformerConfig:
 
     def replace(self, **changes: Any) -> TransformerConfig:
         return replace(self, **changes)
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    """Whether a value (from YAML or the command line) fits a field's type: bool, int, float, str or a union of them."""
+    if isinstance(kind, UnionType):
+        return any(_has_type(value, k) for k in get_args(kind))
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return kind is type(None) and value is None or isinstance(kind, type) and isinstance(value, kind)
 
 
 _SIZES = {

@@ -1,51 +1,35 @@
-"""LightningModules: one base that owns loss, metrics, optimiser and schedule; one thin subclass per architecture.
+"""LightningModules: one base that owns the metrics and calls the recipe (`translator.recipe`: loss, optimiser,
+schedule); one thin subclass per architecture of `translator.checkpoint.ARCHS`.
 
 The checkpoint is self-contained: `save_hyperparameters` stores the constructor arguments, and
 `on_save_checkpoint` adds the model config and the SentencePiece model (as a uint8 tensor), so that
 `translator.checkpoint.load` can rebuild model and tokenizer from the `.ckpt` alone, with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. Throughput and training time are logged by a callback,
+`translator.logging_callbacks.TrainingClock`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
-from translator import generate
-from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfig
-from translator.decoder_only import DecoderOnlyTransformer
+from translator import generate, recipe
+from translator.checkpoint import ARCHS, KEY
 from translator.metrics import BLEU, CHRF
-from translator.seq2seq import Seq2SeqTransformer
+from translator.recipe import token_loss
 from translator.tokenizer import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "translator"  # where on_save_checkpoint puts {arch, config, format}; absent in foreign files
 CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def token_loss(
-    model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Cross-entropy over the non-pad target tokens, and the logits (B, T, V): the mean over those tokens, or with
-    `tokens` (a 0-d tensor) their sum divided by it.
-
-    src (B, S); tgt (B, T+1) = `<bos> y <eos>` padded: the model reads tgt[:, :-1] and predicts tgt[:, 1:].
-    """
-    logits = model(src, tgt[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing, reduction="mean" if tokens is None else "sum")
-    return (loss if tokens is None else loss / tokens), logits
+DECODING_HPARAMS = ("test_beam_size", "length_penalty")  # chosen when decoding: not saved with the weights
 
 
 def evaluation_metrics() -> nn.ModuleDict:
@@ -58,57 +42,36 @@ def evaluation_metrics() -> nn.ModuleDict:
     })  # fmt: skip
 
 
-def _compiled(compile: bool | str, fn):
-    """fn, or torch.compile(fn) in the given mode (True: the default mode)."""
-    if compile is False or compile is None:
-        return fn
-    import torch._inductor.config as inductor
-
-    # torch 2.11's inductor failed an assertion in this analysis while compiling our training step for CUDA
-    # (tiling_utils.get_pw_red_splits, seen on an H200); without it the step compiles and trains (docs/results.md)
-    if hasattr(inductor.triton, "coalesce_tiling_analysis"):
-        inductor.triton.coalesce_tiling_analysis = False
-    return torch.compile(fn, mode=None if compile is True else compile)
-
-
 class TranslationModule(L.LightningModule):
-    """Base module. Subclasses set `arch`, `config_class` and `model_class`.
+    """Base module. Subclasses set `arch`, a key of `translator.checkpoint.ARCHS` (its config and model classes).
 
     Args:
-        preset: model size preset (`tiny`, `small`, `base`); the arguments below that are not None override it.
+        preset: model size preset (`tiny`, `small`, `base`) of the architecture's config class.
+        config: fields of that config class (`translator.config`) that override the preset, e.g.
+            ``{positions: rope, dropout: 0.2}``; on the command line ``--model.init_args.config.positions rope``.
         vocab_size: linked from the DataModule by the CLI.
-        lr, warmup_steps, schedule: peak learning rate; linear warmup, then inverse square root decay
-            (`inverse_sqrt`) or cosine decay to zero at `max_steps` (`cosine`).
-        label_smoothing, weight_decay: as usual; no decay on norms, biases and embeddings.
+        lr, warmup_steps, schedule, label_smoothing, weight_decay: the recipe (`translator.recipe`): peak learning
+            rate; linear warmup, then inverse square root decay (`inverse_sqrt`) or cosine decay to zero at
+            `max_steps` (`cosine`); no weight decay on norms, biases and embeddings.
         bleu_every: compute greedy BLEU/chrF every n-th validation run (0: never).
         bleu_sentences: decode at most this many validation sentences for BLEU, in all (None: all), spread evenly over
             the split: line i when ``i % ceil(lines / bleu_sentences) == 0``. The same lines at every validation, for
             any number of ranks and in any batch order (evaluation batches carry each row's line index).
-        test_beam_size: beam size for `translator test` and `translator predict` (1: greedy).
+        test_beam_size, length_penalty: the search of `translator test` and `translator predict` (beam 1: greedy);
+            decoding settings, left out of the checkpoint's hyper-parameters, so that a `--ckpt_path` never
+            overrides the ones given.
         compile: compile the training step's forward and loss with `torch.compile`: True (default mode) or a mode
             name; "reduce-overhead" adds CUDA graphs, one recording per batch shape (token-budget batches come in
             few shapes: 18 over two passes of Multi30k at 8192 tokens).
     """
 
     arch: str
-    config_class: type[TransformerConfig]
-    model_class: type[nn.Module]
 
     def __init__(
         self,
         preset: str = "base",
+        config: dict[str, Any] | None = None,
         vocab_size: int = 8000,
-        d_model: int | None = None,
-        n_heads: int | None = None,
-        d_ff: int | None = None,
-        dropout: float | None = None,
-        attn_dropout: float | None = None,
-        positions: str | None = None,
-        activation: str | None = None,
-        norm_first: bool | None = None,
-        tie_embeddings: bool | None = None,
-        init_std: float | None = None,
-        scale_embeddings: bool | None = None,
         lr: float = 1e-3,
         warmup_steps: int = 1000,
         schedule: str = "inverse_sqrt",
@@ -119,45 +82,30 @@ class TranslationModule(L.LightningModule):
         test_beam_size: int = 5,
         length_penalty: float = generate.LENGTH_PENALTY,
         compile: bool | str = False,
-        **model_overrides: Any,
     ) -> None:
         super().__init__()
-        if schedule not in ("inverse_sqrt", "cosine"):
-            raise ValueError(f"schedule={schedule!r}: expected 'inverse_sqrt' or 'cosine'")
+        if schedule not in recipe.SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}: expected one of {recipe.SCHEDULES}")
         if bleu_sentences is not None and bleu_sentences < 1:
             raise ValueError(f"bleu_sentences={bleu_sentences}: expected a positive number, or null for all")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: expected true, false or a torch.compile mode {COMPILE_MODES}")
+        if config and "vocab_size" in config:
+            raise ValueError("config.vocab_size: the vocabulary size comes from the data (--data.vocab_size)")
         self.save_hyperparameters()
-        self.config = self.config_class.preset(
-            preset,
-            vocab_size=vocab_size,
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            dropout=dropout,
-            attn_dropout=attn_dropout,
-            positions=positions,
-            activation=activation,
-            norm_first=norm_first,
-            tie_embeddings=tie_embeddings,
-            init_std=init_std,
-            scale_embeddings=scale_embeddings,
-            **model_overrides,
-        )
-        self.model = self.model_class(self.config)
+        config_class, model_class = ARCHS[self.arch]
+        self.config = config_class.preset(preset, vocab_size=vocab_size, **(config or {}))
+        self.model = model_class(self.config)
         self.tokenizer: Tokenizer | None = None
         # a closure, not a module attribute: a second reference to the model as a child module would save every
         # weight twice in the checkpoint. self.model is looked up at each call, so a strategy that wraps it is followed
-        self._train_loss = _compiled(
+        self._train_loss = recipe.compiled(
             compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens)[0]
         )
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()
         self._val_runs = 0
         self._signature_logged = False
-        self._tokens, self._clock = 0, None
-        self._elapsed, self._fit_start = 0.0, None  # training wall time, carried across resumes by the checkpoint
 
     # ---- tokenizer plumbing --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -174,47 +122,28 @@ class TranslationModule(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
+        for key in DECODING_HPARAMS:
+            checkpoint.get("hyper_parameters", {}).pop(key, None)
+        checkpoint[KEY] = {
             "format": CHECKPOINT_FORMAT,
             "arch": self.arch,
             "config": self.config.to_dict(),
             "tokenizer": torch.frombuffer(bytearray(self.tokenizer.to_bytes()), dtype=torch.uint8),
-            "elapsed_s": self._elapsed_s(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = Tokenizer.from_bytes(checkpoint[CHECKPOINT_KEY]["tokenizer"].cpu().numpy().tobytes())
+        saved = Tokenizer.from_bytes(checkpoint[KEY]["tokenizer"].cpu().numpy().tobytes())
         if self.tokenizer is not None and self.tokenizer != saved:
             raise ValueError(
                 "the checkpoint was trained with another tokenizer than the data's: give the data module the "
                 "checkpoint's tokenizer (--data.tokenizer) or start a new run"
             )
         self.tokenizer = saved
-        self._elapsed = checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0)
-
-    def _elapsed_s(self) -> float:
-        """Seconds of training so far, over every run that led to this state (validation included)."""
-        return self._elapsed + (time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0)
-
-    def on_train_start(self) -> None:
-        self._fit_start = time.perf_counter()
-
-    def on_train_end(self) -> None:
-        self._elapsed, self._fit_start = self._elapsed_s(), None
 
     # ---- training ------------------------------------------------------------------------------------------------
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         """src (B, S), tgt (B, T) -> logits (B, T, V)."""
         return self.model(src, tgt)
-
-    def _loss(self, batch: dict[str, Tensor], label_smoothing: float) -> tuple[Tensor, Tensor]:
-        return token_loss(self.model, batch["src"], batch["tgt"], label_smoothing)
-
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        if self.trainer is not None and self.trainer.training:
-            # counted on the host before the copy to the GPU: no device sync for the tokens/s display
-            self._tokens += int((batch["src"] != PAD_ID).sum()) + int((batch["tgt"][:, 1:] != PAD_ID).sum())
-        return batch
 
     def training_loss(self, src: Tensor, tgt: Tensor) -> Tensor:
         """This rank's training loss on a batch: src (B, S), tgt (B, T+1), as `token_loss`.
@@ -242,52 +171,25 @@ class TranslationModule(L.LightningModule):
             loss = loss.clone()  # a graph output is overwritten by the next replay; Lightning keeps the loss longer
         # log only on logging steps: showing a tensor reads it back from the GPU, a host sync that stalls the queue
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            now = time.perf_counter()
             # averaged over ranks (a no-op in one process): under DDP that is the mean over all ranks' target tokens
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
-            self.log("train/elapsed_s", self._elapsed_s())
-            if self._clock is not None:
-                self.log("train/tok_per_s", self._tokens / (now - self._clock), prog_bar=True)
-            self._clock, self._tokens = now, 0
         return loss
 
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
-        for p in {id(p): p for p in self.model.parameters()}.values():
-            (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.98),
-            eps=1e-9,
-            # Lightning's mixed precision refuses to clip the gradients of an optimizer that unscales them itself
-            fused=self.device.type == "cuda" and not (self._trainer is not None and self._trainer.gradient_clip_val),
-        )
-        warmup = max(1, self.hparams.warmup_steps)
-        # `self._trainer`: the `trainer` property raises when no Trainer is attached. The train stream is endless, so
-        # without max_steps Lightning estimates -1 or inf steps: no horizon for cosine (and int(inf) would raise).
-        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else -1
-        if self.hparams.schedule == "cosine" and not 0 < steps < math.inf:
-            raise ValueError("schedule='cosine' decays to zero at trainer.max_steps: set --trainer.max_steps")
-        total = max(warmup + 1, int(steps)) if self.hparams.schedule == "cosine" else warmup + 1
-
-        def lr_lambda(step: int) -> float:
-            step += 1
-            if step < warmup:
-                return step / warmup
-            if self.hparams.schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-            return math.sqrt(warmup / step)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # fused only without clipping: Lightning's mixed precision refuses to clip an optimizer that unscales itself
+        clip = self._trainer is not None and self._trainer.gradient_clip_val
+        optimizer = recipe.adamw(self.model, hp.lr, hp.weight_decay, fused=self.device.type == "cuda" and not clip)
+        # `self._trainer`: the `trainer` property raises when no Trainer is attached (cosine then has no horizon)
+        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else None
+        scheduler = recipe.lr_schedule(optimizer, hp.schedule, hp.warmup_steps, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, decode: Sequence[int], beam: int) -> None:
         """Score a batch of ``TokenBatches(evaluation=True)``: the loss over every row, BLEU/chrF over the rows
         ``decode`` (indices into the batch), translated with beam size ``beam``."""
-        loss, _ = self._loss(batch, 0.0)
+        loss, _ = token_loss(self.model, batch["src"], batch["tgt"], 0.0)
         metrics["loss"].update(loss, weight=(batch["tgt"][:, 1:] != PAD_ID).sum())
         metrics["sentences"].update(len(batch["index"]))
         metrics["truncated"].update(sum(batch["truncated"]))
@@ -331,24 +233,6 @@ class TranslationModule(L.LightningModule):
             rows = [j for j, i in enumerate(batch["index"]) if i % stride == 0]
         self._evaluate(batch, self.val_metrics, rows, 1)
 
-    def _log_scores(self, stage: str, metrics: nn.ModuleDict) -> None:
-        loss = metrics["loss"].compute()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
-        self.log(f"{stage}/ppl", loss.exp(), prog_bar=stage == "val")
-        self.log(f"{stage}/sentences", metrics["sentences"].compute())
-        self.log(f"{stage}/truncated", metrics["truncated"].compute())
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics
-        self._log_scores("val", metrics)
-        if self._bleu_due():
-            self.log("val/bleu", metrics["bleu"].compute(), prog_bar=True)
-            self.log("val/chrf", metrics["chrf"].compute())
-            self.log("val/bleu_sentences", metrics["decoded"].compute())
-            self._log_signature(metrics["bleu"], metrics["chrf"])
-        for metric in metrics.values():
-            metric.reset()
-
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, range(len(batch["index"])), self.hparams.test_beam_size)
 
@@ -356,9 +240,11 @@ class TranslationModule(L.LightningModule):
         """(line index, translation) per row of a ``translator.data.SourceBatches`` batch, beam ``test_beam_size``."""
         return list(zip(batch["index"], self.translate_ids(batch["src"], self.hparams.test_beam_size)))
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val", self.val_metrics, bleu=self._bleu_due())
+
     def on_test_epoch_end(self) -> None:
-        metrics = self.test_metrics
-        scored, lines = int(metrics["sentences"].compute()), int(metrics["lines"].compute())
+        scored, lines = int(self.test_metrics["sentences"].compute()), int(self.test_metrics["lines"].compute())
         datamodule = getattr(self.trainer, "datamodule", None)
         if scored < lines and not getattr(datamodule, "hparams", {}).get("allow_partial_test", False):
             # a BLEU over part of a test set is comparable with no one's (e.g. --trainer.limit_test_batches)
@@ -366,54 +252,39 @@ class TranslationModule(L.LightningModule):
                 f"the test scored {scored} of the {lines} lines of its split, so test/bleu would cover a subset; "
                 "evaluate the whole split, or set --data.allow_partial_test true to report it anyway"
             )
-        self._log_scores("test", metrics)
-        self.log("test/bleu", metrics["bleu"].compute())
-        self.log("test/chrf", metrics["chrf"].compute())
-        self._log_signature(metrics["bleu"], metrics["chrf"])
+        self._log_scores("test", self.test_metrics, bleu=True)
+
+    def _log_scores(self, stage: str, metrics: nn.ModuleDict, bleu: bool) -> None:
+        """Log a stage's epoch metrics (`stage`/loss, ppl, sentences, truncated; with `bleu` also bleu, chrf and
+        bleu_sentences, the lines decoded for them), then reset them. Validation's loss, ppl and BLEU go on the bar."""
+        loss, bar = metrics["loss"].compute(), stage == "val"
+        self.log(f"{stage}/loss", loss, prog_bar=bar)
+        self.log(f"{stage}/ppl", loss.exp(), prog_bar=bar)
+        self.log(f"{stage}/sentences", metrics["sentences"].compute())
+        self.log(f"{stage}/truncated", metrics["truncated"].compute())
+        if bleu:
+            self.log(f"{stage}/bleu", metrics["bleu"].compute(), prog_bar=bar)
+            self.log(f"{stage}/chrf", metrics["chrf"].compute())
+            self.log(f"{stage}/bleu_sentences", metrics["decoded"].compute())
+            if not self._signature_logged and self.trainer.is_global_zero:
+                bleu, chrf = metrics["bleu"].signature, metrics["chrf"].signature
+                log.info("sacreBLEU signatures: BLEU %s | chrF %s", bleu, chrf)
+                self._signature_logged = True
         for metric in metrics.values():
             metric.reset()
 
-    def _log_signature(self, bleu, chrf) -> None:
-        if not self._signature_logged and self.trainer.is_global_zero:
-            log.info("sacreBLEU signatures: BLEU %s | chrF %s", bleu.signature, chrf.signature)
-            self._signature_logged = True
-
 
 class Seq2SeqModule(TranslationModule):
-    """The encoder-decoder Transformer (`translator.seq2seq`)."""
+    """The encoder-decoder Transformer (`translator.seq2seq`); `config` takes the fields of `Seq2SeqConfig`."""
 
-    arch, config_class, model_class = "seq2seq", Seq2SeqConfig, Seq2SeqTransformer
-
-    def __init__(self, n_encoder_layers: int | None = None, n_decoder_layers: int | None = None, **kwargs: Any) -> None:
-        super().__init__(n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers, **kwargs)
+    arch = "seq2seq"
 
 
 class DecoderOnlyModule(TranslationModule):
-    """The decoder-only Transformer over `source <sep> target` (`translator.decoder_only`).
+    """The decoder-only Transformer over `source <sep> target` (`translator.decoder_only`); `config` takes the fields
+    of `DecoderOnlyConfig`, e.g. prefix_mode (`bidirectional`: prefix-LM; `causal`: the plain recipe)."""
 
-    Args:
-        prefix_mode: `bidirectional` (prefix-LM) or `causal` (the plain recipe).
-        segment_embeddings: add a learned source/target embedding.
-        rope_restart: restart position ids at `<sep>`.
-    """
-
-    arch, config_class, model_class = "decoder_only", DecoderOnlyConfig, DecoderOnlyTransformer
-
-    def __init__(
-        self,
-        n_layers: int | None = None,
-        prefix_mode: str | None = None,
-        segment_embeddings: bool | None = None,
-        rope_restart: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            n_layers=n_layers,
-            prefix_mode=prefix_mode,
-            segment_embeddings=segment_embeddings,
-            rope_restart=rope_restart,
-            **kwargs,
-        )
+    arch = "decoder_only"
 
 
-MODULES = {cls.arch: cls for cls in (Seq2SeqModule, DecoderOnlyModule)}
+MODULES: dict[str, type[TranslationModule]] = {cls.arch: cls for cls in (Seq2SeqModule, DecoderOnlyModule)}
