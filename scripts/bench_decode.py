@@ -11,8 +11,10 @@ Two kinds of rows:
 * Trained models (``--checkpoint``, either architecture): ``generate.greedy`` / ``generate.beam_search`` on the
   test sources with their real stopping rule (eos, or ``int(1.2 * source length + 10)`` tokens), and the whole
   ``translate.translate()`` path (tokenise, batch, search, detokenise), with BLEU against ``--ref``.
-* On the CPU, the same checkpoints exported to CTranslate2 (``--ctranslate2 float32 int8``, the default), run end to
-  end through ``translator.engines.CTranslate2Engine``: same sentences, beams and BLEU as the ``translate()`` rows.
+* On the CPU, end to end like the ``translate()`` rows (same sentences, beams and BLEU): the checkpoint through
+  ``translator.quantize`` (``--quantize int8``, the default; ``bf16``), exported to CTranslate2 (``--ctranslate2
+  float32 int8``, the default) and run by ``translator.engines.CTranslate2Engine``, and exported to ONNX and run by
+  ONNX Runtime (``--onnx``).
 * The comparison with Hugging Face, always on randomly initialised models of the same size and configuration:
   ours (``Seq2SeqTransformer`` / ``DecoderOnlyTransformer``, preset ``--preset`` or the checkpoint's config) against
   ``MarianMTModel`` / ``GPT2LMHeadModel`` (``translator.bench.hf_model``). Fairness rule: **both sides run
@@ -43,7 +45,7 @@ import sacrebleu
 import torch
 from torch import Tensor, nn
 
-from translator import checkpoint, generate
+from translator import checkpoint, generate, quantize
 from translator.bench import autocast, hf_model, load_tokenizer, machine, sync, write_json
 from translator.config import TransformerConfig
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, SEP_ID, Tokenizer
@@ -121,53 +123,74 @@ def checkpoint_rows(path: str, sentences: list[str], refs: list[str] | None, arg
         n_tok = sum(len(h) + 1 for batch in outs for h in batch)  # + eos
         rows.append(row(name, arch, search_label(beam, static, device), "eos or 1.2*src+10", len(flat), n_tok, secs,
                         bleu=bleu(outs)))
-    for beam in args.beams:
-        sync(device)
-        start = time.perf_counter()
-        out = translate(model, tokenizer, sentences, beam=beam, batch_tokens=args.batch_tokens)
-        sync(device)
-        secs = time.perf_counter() - start
-        n_tok = sum(len(t[0].tokens) + 1 for t in out)
-        score = sacrebleu.corpus_bleu([t[0].text for t in out], [refs]).score if refs else None
-        rows.append(row(name, arch, f"translate() beam{beam}", "eos or 1.2*src+10, end to end", len(sentences),
-                        n_tok, secs, bleu=score))
-    if device.type == "cpu" and args.ctranslate2:
-        rows += ctranslate2_rows(path, model, tokenizer, sentences, refs, args)
+    rows += end_to_end_rows(name, arch, lambda s, k: translate(model, tokenizer, s, beam=k,
+                                                               batch_tokens=args.batch_tokens),
+                            sentences, refs, args.beams, device)
+    if device.type == "cpu":
+        for kind in args.quantize:  # translator.quantize: the same search over int8 / bf16 weights
+            small = quantize.for_cpu(model, kind)
+            rows += end_to_end_rows(f"ours {kind}:{Path(path).name}", arch,
+                                    lambda s, k, m=small: translate(m, tokenizer, s, beam=k,
+                                                                    batch_tokens=args.batch_tokens),
+                                    sentences, refs, args.beams, device)
+        rows += engine_rows(path, model, tokenizer, sentences, refs, args)
     return rows, model, tokenizer, arch
 
 
-def ctranslate2_rows(path: str, model: nn.Module, tokenizer: Tokenizer, sentences: list[str], refs: list[str] | None,
-                     args) -> list[dict]:
-    """The checkpoint through `translator export --format ctranslate2` at each `--ctranslate2` quantization, run end
-    to end by `engines.CTranslate2Engine` (tokenise, CTranslate2's own search, detokenise) on as many threads as
-    torch uses: the same sentences and beams as the translate() rows. CTranslate2's length penalty is score / len**1
-    (ours: GNMT's), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
-    cannot express (the prefix-LM) or without the ctranslate2 package."""
+def end_to_end_rows(name: str, arch: str, run, sentences: list[str], refs: list[str] | None, beams: list[int],
+                    device: torch.device) -> list[dict]:
+    """One row per beam for ``run(sentences, beam) -> [[Translation, ...], ...]`` timed whole (tokenise, batch,
+    search, detokenise) after an untimed warm-up on 8 sentences, with BLEU against ``refs``."""
+    run(sentences[:8], max(beams))
+    rows = []
+    for beam in beams:
+        sync(device)
+        start = time.perf_counter()
+        out = run(sentences, beam)
+        sync(device)
+        secs = time.perf_counter() - start
+        n_tok = sum(len(t[0].tokens) + 1 for t in out)  # + eos
+        score = sacrebleu.corpus_bleu([t[0].text for t in out], [refs]).score if refs else None
+        rows.append(row(name, arch, f"translate() beam{beam}", "eos or 1.2*src+10, end to end", len(sentences),
+                        n_tok, secs, bleu=score))
+    return rows
+
+
+def engine_rows(path: str, model: nn.Module, tokenizer: Tokenizer, sentences: list[str], refs: list[str] | None,
+                args) -> list[dict]:
+    """The checkpoint exported by `translator export` and run end to end by `translator.engines` on as many threads
+    as torch uses, the same sentences and beams as the translate() rows:
+
+    * CTranslate2 at each ``--ctranslate2`` quantization: its own search, whose length penalty is score / len**1
+      (ours: GNMT's), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
+      cannot express (the prefix-LM) or without the ctranslate2 package.
+    * ONNX Runtime (``--onnx``): our search over the exported encoder / decoder-step graphs."""
     import importlib.util
     import tempfile
 
-    from translator.engines import CTranslate2Engine
+    from translator.engines import CTranslate2Engine, OnnxEngine
     from translator.export import ctranslate2_unsupported, export_ctranslate2
+    from translator.onnx_export import export_onnx
 
-    reason = ctranslate2_unsupported(model)
-    if importlib.util.find_spec("ctranslate2") is None or reason is not None:
-        log.warning("%s: no CTranslate2 rows: %s", path, reason or "ctranslate2 is not installed (the serve extra)")
-        return []
     arch = "seq2seq" if hasattr(model, "encoder") else "decoder_only"
+    engines = []
+    reason = ctranslate2_unsupported(model)
+    if args.ctranslate2 and (importlib.util.find_spec("ctranslate2") is None or reason is not None):
+        log.warning("%s: no CTranslate2 rows: %s", path, reason or "ctranslate2 is not installed (the serve extra)")
+    elif args.ctranslate2:
+        engines += [(f"ctranslate2 {q}", lambda out, q=q: CTranslate2Engine(
+            export_ctranslate2(model, tokenizer, out, q, source=path), threads=torch.get_num_threads()))
+            for q in args.ctranslate2]
+    if args.onnx:
+        engines.append(("onnxruntime", lambda out: OnnxEngine(export_onnx(model, tokenizer, out, source=path),
+                                                              threads=torch.get_num_threads())))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:
-        for quantization in args.ctranslate2:
-            out = export_ctranslate2(model, tokenizer, Path(tmp) / quantization, quantization, source=path)
-            engine = CTranslate2Engine(out, threads=torch.get_num_threads())
-            engine.translate(sentences[:8], beam=max(args.beams))  # warm-up, untimed
-            for beam in args.beams:
-                start = time.perf_counter()
-                res = engine.translate(sentences, beam=beam, batch_tokens=args.batch_tokens)
-                secs = time.perf_counter() - start
-                n_tok = sum(len(t[0].tokens) + 1 for t in res)
-                score = sacrebleu.corpus_bleu([t[0].text for t in res], [refs]).score if refs else None
-                rows.append(row(f"ctranslate2 {quantization}:{Path(path).name}", arch, f"translate() beam{beam}",
-                                "eos or 1.2*src+10, end to end", len(sentences), n_tok, secs, bleu=score))
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
+        for i, (label, make) in enumerate(engines):
+            engine = make(Path(tmp) / str(i))
+            rows += end_to_end_rows(f"{label}:{Path(path).name}", arch,
+                                    lambda s, k, e=engine: e.translate(s, beam=k, batch_tokens=args.batch_tokens),
+                                    sentences, refs, args.beams, torch.device("cpu"))
     return rows
 
 
@@ -298,6 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ctranslate2", nargs="*", default=["float32", "int8"], metavar="QUANT",
                    help="on --device cpu, also run each checkpoint exported to CTranslate2 at these quantizations "
                         "(none: skip; needs the serve extra)")
+    p.add_argument("--quantize", nargs="*", default=["int8"], choices=["int8", "bf16"],
+                   help="on --device cpu, also run each checkpoint through translator.quantize (none: skip)")
+    p.add_argument("--onnx", action="store_true", help="on --device cpu, also run each checkpoint exported to ONNX "
+                                                       "through ONNX Runtime (needs the serve extra)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if any(b < 1 for b in args.beams) or args.batch_tokens < 1 or (args.limit is not None and args.limit < 1):

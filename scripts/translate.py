@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", help="reference translations (one per input line): print BLEU and chrF")
     parser.add_argument("--max-input-tokens", type=int, default=256, help="truncate longer inputs (with a warning)")
     parser.add_argument("--attention", metavar="PNG", help="draw the first sentence's attention heatmap here")
+    parser.add_argument("--quantize", choices=("none", "int8", "bf16"), default="none",
+                        help="CPU only, --engine torch: int8 linear layers (dynamic quantisation) or bf16 weights "
+                             "(fast only where the CPU has bf16 arithmetic); see translator.quantize")
     parser.add_argument("--static", action="store_true",
                         help="fixed-shape beam search: one CUDA graph per batch on a GPU (same translations)")
     args = parser.parse_args(argv)
@@ -83,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.engine = "torch"
     if args.engine != "torch":  # None: the --model directory's format, known once it is read
         for flag, used in (("--static", args.static), ("--attention", args.attention),
+                           (f"--quantize {args.quantize}", args.quantize != "none"),
                            (f"--device {args.device}", args.device not in ("auto", "cpu"))):
             if used:
                 parser.error(f"{flag} is for --engine torch only")
@@ -184,12 +188,13 @@ def translate_exported(args: argparse.Namespace, sentences: list[str], options: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # torch and the model code load after the arguments are checked: `--help` and typos answer at once
-    from translator import checkpoint
+    from translator import checkpoint, quantize
     from translator.translate import attention_map, plot_attention, resolve_device, translate
 
     try:
         try:
-            device = resolve_device(args.device)
+            # int8/bf16 inference is a CPU path: "auto" picks the CPU for it
+            device = resolve_device("cpu" if args.quantize != "none" and args.device == "auto" else args.device)
         except ValueError as err:
             raise DeviceError(err) from None
         sentences = args.sentences or read_lines(args.input)
@@ -202,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
                        batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens)
         if args.engine == "torch":
             model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
+            if args.quantize != "none":
+                if device.type != "cpu":
+                    raise EngineError(f"--quantize {args.quantize} is for the CPU; this run uses {device}")
+                model = quantize.for_cpu(model, args.quantize)
             results = translate(model, tokenizer, sentences, static=args.static, min_len=args.min_len, **options)
         else:
             results = translate_exported(args, sentences, options)

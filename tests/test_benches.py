@@ -95,3 +95,21 @@ def test_bench_decode_runs(tokenizer_file, tmp_path, monkeypatch):
         ("ours (random init)", "seq2seq", "greedy"), ("ours (random init)", "decoder_only", "beam2"),
         ("hf MarianMTModel", "seq2seq", "beam2"), ("hf GPT2LMHeadModel", "decoder_only", "greedy")}
     assert all(r["sentences"] == 6 for r in rows)
+
+
+def test_bench_decode_checkpoint_rows_cover_every_cpu_engine(checkpoints, tmp_path):
+    """A trained checkpoint gets the search rows, translate(), int8, CTranslate2 and ONNX Runtime rows, each with a
+    BLEU; int8 and ONNX translate (BLEU within reach of fp32), as the issue's decoding table needs."""
+    pytest.importorskip("ctranslate2")
+    pytest.importorskip("onnxruntime")
+    bench = load_script("bench_decode")
+    out = tmp_path / "decode.json"
+    assert bench.main(["--device", "cpu", "--checkpoint", str(checkpoints["seq2seq"]), "--limit", "24", "--beams",
+                       "2", "--static", "no", "--no-hf", "--quantize", "int8", "--ctranslate2", "int8", "--onnx",
+                       "--src", str(MULTI30K / "val.de.gz"), "--ref", str(MULTI30K / "val.en.gz"),
+                       "--json", str(out)]) == 0
+    rows = {r["model"].split(":")[0]: r for r in json.loads(out.read_text())["rows"] if "translate()" in r["search"]}
+    assert set(rows) == {"ours", "ours int8", "ctranslate2 int8", "onnxruntime"}
+    assert all(r["sentences"] == 24 and r["bleu"] is not None for r in rows.values())
+    assert rows["onnxruntime"]["bleu"] == pytest.approx(rows["ours"]["bleu"], abs=0.5)  # the same search, in ORT
+    assert rows["ours int8"]["bleu"] > 0.5 * rows["ours"]["bleu"]

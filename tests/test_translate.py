@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODULES, load_script
+from conftest import MODULES, load_script, read_pairs
 
 from translator import checkpoint
 from translator.translate import attention_map, recompute_attention, token_batches, translate
@@ -181,6 +181,20 @@ def test_script_sentences_as_arguments(checkpoints):
     static = run_script("--checkpoint", str(checkpoints["seq2seq"]), "--beam", "1", "--static", "Ein Hund läuft.",
                         "Eine Frau.")
     assert static.returncode == 0 and static.stdout == proc.stdout, static.stderr.decode()
+
+
+def test_script_quantize_int8_translates_and_is_refused_for_other_engines(checkpoints, script, capsys):
+    sentences = [s for s, _ in read_pairs("val", 8)]
+    fp32 = run_script("--checkpoint", str(checkpoints["decoder_only"]), "--beam", "2", *sentences)
+    int8 = run_script("--checkpoint", str(checkpoints["decoder_only"]), "--beam", "2", "--quantize", "int8",
+                      *sentences)
+    assert int8.returncode == 0, int8.stderr.decode()
+    lines, ref = int8.stdout.decode().splitlines(), fp32.stdout.decode().splitlines()
+    assert len(lines) == 8 and all(reads_as_text(line) for line in lines)
+    assert sum(a == b for a, b in zip(lines, ref)) >= 4, (lines, ref)  # int8 keeps most translations
+    with pytest.raises(SystemExit) as err:
+        script.main(["--model", "somewhere", "--engine", "onnx", "--quantize", "int8", "Ein Hund."])
+    assert err.value.code == 2 and "--quantize int8 is for --engine torch only" in capsys.readouterr().err
 
 
 def test_script_and_predict_writer_clean_a_hypothesis_alike(script, tmp_path):
