@@ -29,6 +29,7 @@ from translator.data import (
     TokenBatches,
     TranslationDataModule,
     load_pairs,
+    pad,
     round_up,
     token_budget_batches,
 )
@@ -190,6 +191,18 @@ def test_token_budget_batches_respect_the_budget() -> None:
             assert len(b) * (s + t) <= max_tokens
     with pytest.raises(ValueError, match="alone"):
         token_budget_batches([(70, 70)], 130)
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_pad_right_pads_to_a_multiple(multiple: int) -> None:
+    """The one padder (training, predict, translate) against a row-by-row reference, empty rows included."""
+    rng = random.Random(multiple)
+    rows = [[rng.randrange(1, 1000) for _ in range(rng.choice([0, 1, 5, 13, 17]))] for _ in range(50)]
+    width = round_up(max(map(len, rows)), multiple)
+    expected = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], dtype=torch.long)
+    out = pad(rows, pad_to_multiple=multiple)
+    assert out.dtype == torch.long and torch.equal(out, expected)
+    assert pad([[], []]).shape == (2, 0) and torch.equal(pad([[7, 8], [9]], "cpu"), torch.tensor([[7, 8], [9, PAD_ID]]))
 
 
 @pytest.mark.parametrize("max_tokens, max_len, multiple", [(4096, 128, 8), (600, 20, 8), (300, 30, 1)])

@@ -17,36 +17,25 @@ Pipeline (one pass over a split)::
 ``translator predict`` reads sentences (``load_sources`` -> ``SourceBatches``), and ``translator.translate`` batches
 and pads them with the same ``token_batches`` and ``pad``. Each module's docstring says more: sources.py the formats,
 batching.py the batch format, datamodule.py DDP and exact resume.
+
+Each name is imported from its module on first use (``__getattr__``, PEP 562): the sources need ``datasets`` and the
+DataModule Lightning, which ``translator.translate`` (batching.py alone) would otherwise load for nothing.
 """
 
-from translator.data.batching import (
-    Batch,
-    Example,
-    SourceBatches,
-    TokenBatches,
-    check_budget,
-    collate,
-    pad_rows,
-    round_up,
-    token_budget_batches,
-)
-from translator.data.datamodule import ResumableDataLoader, TranslationDataModule
-from translator.data.sources import PairStream, SourceLines, load_pairs, load_sources
+import importlib
+from typing import Any
 
-__all__ = [
-    "Batch",
-    "Example",
-    "PairStream",
-    "ResumableDataLoader",
-    "SourceBatches",
-    "SourceLines",
-    "TokenBatches",
-    "TranslationDataModule",
-    "check_budget",
-    "collate",
-    "load_pairs",
-    "load_sources",
-    "pad_rows",
-    "round_up",
-    "token_budget_batches",
-]
+_NAMES = {  # module of this package -> the public names it defines
+    "sources": ("PairStream", "SourceLines", "load_pairs", "load_sources"),
+    "batching": ("Batch", "Example", "SourceBatches", "TokenBatches", "check_budget", "collate", "encode_sources",
+                 "pad", "round_up", "token_batches", "token_budget_batches"),
+    "datamodule": ("ResumableDataLoader", "TranslationDataModule"),
+}  # fmt: skip
+_HOME = {name: module for module, names in _NAMES.items() for name in names}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -32,10 +32,12 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from translator.translate import encode_sources, pad, token_batches
 
 if TYPE_CHECKING:
     from translator.data.sources import PairStream, SourceLines
@@ -45,7 +47,45 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Any]  # src (B, S) int64, tgt (B, T+1) int64, src_text / tgt_text list[str]
 
 
-# ---- token-budget batches ----------------------------------------------------------------------------------------
+# ---- tokens, token budgets, padding ----------------------------------------------------------------------------------
+def encode_sources(
+    tokenizer: Tokenizer,
+    sentences: list[str],
+    max_input_tokens: int = 256,
+    line_numbers: Sequence[int] | None = None,
+    limit_name: str = "max_input_tokens",
+) -> list[list[int]]:
+    """Token ids per sentence (stripped); those over `max_input_tokens` are cut, with a warning naming the line:
+    `line_numbers[i]` for sentence i (default: its 1-based position in `sentences`) and the limit's setting."""
+    if max_input_tokens < 1:
+        raise ValueError(f"{limit_name} must be >= 1, got {max_input_tokens}")
+    ids = tokenizer.encode([s.strip() for s in sentences])
+    for i, seq in enumerate(ids):
+        if len(seq) > max_input_tokens:
+            line = i + 1 if line_numbers is None else line_numbers[i]
+            log.warning("line %d: %d tokens, truncated to the first %d (%s)", line, len(seq), max_input_tokens,
+                        limit_name)
+            ids[i] = seq[:max_input_tokens]
+    return ids
+
+
+def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of non-empty sequences, longest first, grouped so that a batch's padded source (rows x longest)
+    stays within `batch_tokens`; a sequence longer than the budget goes alone. Similar lengths share a batch, so
+    little is spent on padding; the longest batch comes first, so running out of memory shows at once."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted longest first, so the batch's first sequence sets its width
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -84,13 +124,15 @@ def token_budget_batches(
     return batches
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad_to_multiple: int = 1) -> torch.Tensor:
-    """Right-pad id lists with pad (0) into a (B, round_up(max len)) int64 tensor."""
-    lengths = torch.tensor([len(r) for r in rows])
-    out = torch.full((len(rows), round_up(int(lengths.max()), pad_to_multiple)), PAD_ID, dtype=torch.long)
-    mask = torch.arange(out.shape[1]) < lengths[:, None]  # (B, W), row-major order = concatenated rows
-    out[mask] = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)
-    return out
+def pad(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu", *, pad_to_multiple: int = 1) -> Tensor:
+    """Right-pad id lists with pad (0) into a (B, round_up(longest, pad_to_multiple)) int64 tensor on ``device``.
+
+    The one padder: training and evaluation batches (``collate``), ``translator predict`` (``SourceBatches``) and
+    ``translator.translate``. An empty row is all pad.
+    """
+    flat = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long)  # one tensor, not one per row
+    out = pad_sequence(flat.split([len(r) for r in rows]), batch_first=True, padding_value=PAD_ID)  # (B, longest)
+    return F.pad(out, (0, -out.size(1) % pad_to_multiple), value=PAD_ID).to(device)
 
 
 Example = tuple[list[int], list[int], str, str, int, bool]
@@ -103,8 +145,8 @@ def collate(examples: Sequence[Example], pad_to_multiple: int = 1, num_pairs: in
     (evaluation) also index (list[int], B: line indices in the split), truncated (list[bool], B) and num_pairs (int:
     the number of lines in the evaluated split)."""
     batch = {
-        "src": pad_rows([e[0] for e in examples], pad_to_multiple),
-        "tgt": pad_rows([e[1] for e in examples], pad_to_multiple),
+        "src": pad([e[0] for e in examples], pad_to_multiple=pad_to_multiple),
+        "tgt": pad([e[1] for e in examples], pad_to_multiple=pad_to_multiple),
         "src_text": [e[2] for e in examples],
         "tgt_text": [e[3] for e in examples],
     }
@@ -247,8 +289,8 @@ class SourceBatches(IterableDataset):
 
     Line i (0-based, blank lines included) goes to shard ``i % (world_size * workers) == rank * workers + worker``, as
     pairs do in TokenBatches. Per shard, buffers of ``buffer_size`` lines are tokenized by
-    ``translate.encode_sources`` (lines over ``max_len`` tokens are truncated, with a warning naming the line), sorted
-    by length and cut by ``translate.token_batches`` (rows x longest source <= ``max_tokens``). Batch: ``src`` (B, S)
+    ``encode_sources`` (lines over ``max_len`` tokens are truncated, with a warning naming the line), sorted
+    by length and cut by ``token_batches`` (rows x longest source <= ``max_tokens``). Batch: ``src`` (B, S)
     int64 right-padded with pad (0), and ``index`` (list[int], B), the rows' line indices. Lines empty once tokenized
     come as one batch of width 0, ``src`` (B, 0): their translation is empty, nothing is decoded.
     """
