@@ -69,23 +69,6 @@ def encode_sources(
     return ids
 
 
-def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of non-empty sequences, longest first, grouped so that a batch's padded source (rows x longest)
-    stays within `batch_tokens`; a sequence longer than the budget goes alone. Similar lengths share a batch, so
-    little is spent on padding; the longest batch comes first, so running out of memory shows at once."""
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        # sorted longest first, so the batch's first sequence sets its width
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -102,9 +85,11 @@ def token_budget_batches(
 ) -> list[list[int]]:
     """Cut examples, in the order given, into consecutive batches (lists of indices) that fit the token budget.
 
-    ``lengths[i] = (src length, tgt row length with bos/eos)``. A batch of B examples costs
-    ``B * (round_up(max src) + round_up(max tgt))`` padded tokens, and that never exceeds ``max_tokens``.
-    Sort the examples by length first, or padding (and the number of batches) grows.
+    The one batcher (training and evaluation pairs here; sentences to translate through ``token_batches``).
+    ``lengths[i] = (src length, tgt row length with bos/eos)``; sentences alone have tgt length 0. A batch of B
+    examples costs ``B * (round_up(max src) + round_up(max tgt))`` padded tokens, and that never exceeds
+    ``max_tokens``; an example that alone exceeds it raises. Sort the examples by length first, or padding (and the
+    number of batches) grows.
     """
     batches: list[list[int]] = []
     current: list[int] = []
@@ -122,6 +107,19 @@ def token_budget_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of non-empty sentences, longest first, cut by ``token_budget_batches`` so that a batch's padded source
+    (rows x longest) stays within ``batch_tokens``; a sentence longer than the budget goes alone. Similar lengths share
+    a batch, so little is spent on padding; the longest batch comes first, so running out of memory shows at once."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    alone = sum(lengths[i] > batch_tokens for i in order)  # the over-long ones, first in the order
+    fitting = order[alone:]
+    cut = token_budget_batches([(lengths[i], 0) for i in fitting], batch_tokens)  # no target side
+    return [[i] for i in order[:alone]] + [[fitting[j] for j in batch] for batch in cut]
 
 
 def pad(rows: Sequence[Sequence[int]], device: torch.device | str = "cpu", *, pad_to_multiple: int = 1) -> Tensor:
@@ -153,6 +151,12 @@ def collate(examples: Sequence[Example], pad_to_multiple: int = 1, num_pairs: in
     if num_pairs is not None:
         batch.update(index=[e[4] for e in examples], truncated=[e[5] for e in examples], num_pairs=num_pairs)
     return batch
+
+
+def _worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 class TokenBatches(IterableDataset):
@@ -211,8 +215,7 @@ class TokenBatches(IterableDataset):
         return self._num_pairs
 
     def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _worker()
         # A DataLoader asks its workers in turn, starting with worker 0 at every new iterator. Uninterrupted, batch j
         # comes from worker j % workers; after skipping n batches, the resumed loader's first batch is due from worker
         # n % workers, so worker w takes over the stream of worker (w + n) % workers and skips that one's share.
@@ -312,8 +315,7 @@ class SourceBatches(IterableDataset):
         self.buffer_size, self.rank, self.world_size = buffer_size, rank, world_size
 
     def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = _worker()
         shard, num_shards = self.rank * workers + worker, self.world_size * workers
         numbered = itertools.islice(enumerate(self.lines), shard, None, num_shards)
         while chunk := list(itertools.islice(numbered, self.buffer_size)):
