@@ -11,7 +11,7 @@ index, and ``TokenBatches(evaluation=True)`` cuts an over-long pair's ids to ``m
 it, so that ``test/bleu`` covers the whole split; see ``TokenBatches``.
 
 Prediction (``translator predict``) reads sentences, not pairs: ``SourceLines`` (the lines of a text file, blank ones
-kept, or the source side of a split) -> ``SourceBatches`` (line i to shard i % n as above; tokenized, truncated and
+kept, or the source side of a split) -> ``SourceBatches`` (line i to shard i % n, as pairs are; tokenized, truncated and
 batched by ``encode_sources`` / ``token_batches``, as ``translator.translate`` does), every batch carrying its line
 indices so that the writer (``translator.callbacks.TranslationWriter``) restores the input order.
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Any]  # src (B, S) int64, tgt (B, T+1) int64, src_text / tgt_text list[str]
 
 
-# ---- tokens, token budgets, padding ----------------------------------------------------------------------------------
+# ---- tokens, token budgets, padding ------------------------------------------------------------------------------
 def encode_sources(
     tokenizer: Tokenizer,
     sentences: list[str],
@@ -153,6 +153,7 @@ def collate(examples: Sequence[Example], pad_to_multiple: int = 1, num_pairs: in
     return batch
 
 
+# ---- the datasets: pairs (fit, validate, test) and sentences (predict) -------------------------------------------
 def _worker() -> tuple[int, int]:
     """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
     info = get_worker_info()
