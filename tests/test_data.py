@@ -7,9 +7,11 @@ import gzip
 import itertools
 import json
 import logging
+import os
 import random
 import runpy
 import shutil
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -477,6 +479,20 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path: Path, tokeniz
 
 
 # ---- DataModule and tokenizer script ----------------------------------------------------------------------------
+def test_translate_depends_on_data_and_not_the_reverse() -> None:
+    """One batcher and one padder: translator.translate imports them from translator.data, which imports no
+    translate; and translate loads only batching.py, not the sources' `datasets` or the DataModule's Lightning."""
+
+    def modules_after(statement: str) -> set[str]:
+        code = f"import sys; {statement}; print(' '.join(sys.modules))"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return set(proc.stdout.split())
+
+    assert "translator.translate" not in modules_after("from translator.data import TranslationDataModule, pad")
+    assert not {"datasets", "lightning", "translator.data.sources"} & modules_after("import translator.translate")
+
+
 def test_datamodule_trains_tokenizer_once_and_links_sizes(tmp_path: Path, tokenizer_file: Path) -> None:
     data = write_parallel(tmp_path / "data", "train", raw_pairs("train", 1500))
     for lang in ("de", "en"):
