@@ -7,9 +7,11 @@ import gzip
 import itertools
 import json
 import logging
+import os
 import random
 import runpy
 import shutil
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +31,7 @@ from translator.data import (
     TokenBatches,
     TranslationDataModule,
     load_pairs,
+    pad,
     round_up,
     token_budget_batches,
 )
@@ -190,6 +193,18 @@ def test_token_budget_batches_respect_the_budget() -> None:
             assert len(b) * (s + t) <= max_tokens
     with pytest.raises(ValueError, match="alone"):
         token_budget_batches([(70, 70)], 130)
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_pad_right_pads_to_a_multiple(multiple: int) -> None:
+    """The one padder (training, predict, translate) against a row-by-row reference, empty rows included."""
+    rng = random.Random(multiple)
+    rows = [[rng.randrange(1, 1000) for _ in range(rng.choice([0, 1, 5, 13, 17]))] for _ in range(50)]
+    width = round_up(max(map(len, rows)), multiple)
+    expected = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows], dtype=torch.long)
+    out = pad(rows, pad_to_multiple=multiple)
+    assert out.dtype == torch.long and torch.equal(out, expected)
+    assert pad([[], []]).shape == (2, 0) and torch.equal(pad([[7, 8], [9]], "cpu"), torch.tensor([[7, 8], [9, PAD_ID]]))
 
 
 @pytest.mark.parametrize("max_tokens, max_len, multiple", [(4096, 128, 8), (600, 20, 8), (300, 30, 1)])
@@ -464,6 +479,20 @@ def test_lightning_checkpoint_resumes_the_stream_exactly(tmp_path: Path, tokeniz
 
 
 # ---- DataModule and tokenizer script ----------------------------------------------------------------------------
+def test_translate_depends_on_data_and_not_the_reverse() -> None:
+    """One batcher and one padder: translator.translate imports them from translator.data, which imports no
+    translate; and translate loads only batching.py, not the sources' `datasets` or the DataModule's Lightning."""
+
+    def modules_after(statement: str) -> set[str]:
+        code = f"import sys; {statement}; print(' '.join(sys.modules))"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return set(proc.stdout.split())
+
+    assert "translator.translate" not in modules_after("from translator.data import TranslationDataModule, pad")
+    assert not {"datasets", "lightning", "translator.data.sources"} & modules_after("import translator.translate")
+
+
 def test_datamodule_trains_tokenizer_once_and_links_sizes(tmp_path: Path, tokenizer_file: Path) -> None:
     data = write_parallel(tmp_path / "data", "train", raw_pairs("train", 1500))
     for lang in ("de", "en"):

@@ -4,9 +4,9 @@
     best = [hyps[0].text for hyps in translate(model, tokenizer, ["Ein Hund läuft."], beam=5)]
 
 `translate` tokenises, truncates over-long sources (with a warning naming the line), sorts the sentences by length
-and packs them into batches under a source-token budget, runs `generate.beam_search` (bf16 autocast on CUDA), and
-returns the n-best list of each sentence in input order. Empty sentences are not decoded: they get one empty
-translation with score 0.
+and packs them into batches under a source-token budget (`translator.data.batching`, as `translator predict` does),
+runs `generate.beam_search` (bf16 autocast on CUDA), and returns the n-best list of each sentence in input order.
+Empty sentences are not decoded: they get one empty translation with score 0.
 
 `attention_map` recomputes attention weights from the model's own modules without changing the model: a forward
 pre-hook captures the inputs of the last decoder layer's attention module, and the weights are recomputed from its
@@ -18,22 +18,19 @@ source prefix (so a row sums to the share of attention that goes to the source, 
 from __future__ import annotations
 
 import inspect
-import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from translator.data.batching import encode_sources, pad, token_batches
 from translator.decoder_only import DecoderOnlyTransformer
 from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, MIN_LEN, PENALTY, Hypothesis, Penalty, beam_search
 from translator.layers import Attention
 from translator.seq2seq import Seq2SeqTransformer
-from translator.tokenizer import EOS_ID, PAD_ID, Tokenizer
-
-log = logging.getLogger(__name__)
+from translator.tokenizer import EOS_ID, Tokenizer
 
 
 @dataclass
@@ -58,52 +55,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def encode_sources(
-    tokenizer: Tokenizer,
-    sentences: list[str],
-    max_input_tokens: int = 256,
-    line_numbers: Sequence[int] | None = None,
-    limit_name: str = "max_input_tokens",
-) -> list[list[int]]:
-    """Token ids per sentence (stripped); those over `max_input_tokens` are cut, with a warning naming the line:
-    `line_numbers[i]` for sentence i (default: its 1-based position in `sentences`) and the limit's setting."""
-    if max_input_tokens < 1:
-        raise ValueError(f"{limit_name} must be >= 1, got {max_input_tokens}")
-    ids = tokenizer.encode([s.strip() for s in sentences])
-    for i, seq in enumerate(ids):
-        if len(seq) > max_input_tokens:
-            line = i + 1 if line_numbers is None else line_numbers[i]
-            log.warning("line %d: %d tokens, truncated to the first %d (%s)", line, len(seq), max_input_tokens,
-                        limit_name)
-            ids[i] = seq[:max_input_tokens]
-    return ids
-
-
-def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of non-empty sequences, longest first, grouped so that a batch's padded source (rows x longest)
-    stays within `batch_tokens`; a sequence longer than the budget goes alone. Similar lengths share a batch, so
-    little is spent on padding; the longest batch comes first, so running out of memory shows at once."""
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        # sorted longest first, so the batch's first sequence sets its width
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pad(seqs: list[list[int]], device: torch.device | str = "cpu") -> Tensor:
-    """Right-pad id lists into (B, S) int64."""
-    out = torch.full((len(seqs), max(map(len, seqs))), PAD_ID, dtype=torch.long)
-    for row, seq in zip(out, seqs):
-        row[: len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out.to(device)
 
 
 def translate(
