@@ -459,3 +459,70 @@ def test_training_loss_traces_without_graph_breaks(arch, positions):
     for lengths in ([5, 3], [7, 2, 4], [4, 6, 2, 3]):
         src, tgt = random_batch(lengths, lengths[::-1], seed=len(lengths))
         step(src, tgt).backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source-side loss of the decoder-only model (config.source_loss)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_causal_source_loss_is_next_token_prediction_over_the_source():
+    """The causal model's source loss equals the cross-entropy of the same model run as a plain LM over the source
+    (decoding source tokens 1.. after a prefill of token 0): every position predicts the next source token."""
+    model = build("causal-lm")
+    src, tgt = random_batch([6, 4, 5], [3, 5, 2], seed=3)
+    _, loss = model(src, tgt[:, :-1], with_source=True)
+    nll, count = 0.0, 0
+    for b in range(src.size(0)):
+        row = src[b, : int((src[b] != PAD_ID).sum())][None]  # (1, n)
+        first = model.lm_head(model.norm(_prefill_output(model, row[:, :1])))  # position 0 predicts token 1
+        state = model.init_state(row[:, :1])
+        rest = model.decode_step(row[:, 1:-1], state)  # positions 1 .. n-2 predict tokens 2 .. n-1
+        preds = torch.cat([first, rest], dim=1)  # (1, n-1, V)
+        nll += F.cross_entropy(preds[0], row[0, 1:], reduction="sum")
+        count += row.size(1) - 1
+    torch.testing.assert_close(loss, nll / count)
+
+
+def _prefill_output(model, src):
+    """The last block's output (B, S, D) of the decoder-only prefill over `src`."""
+    outs = []
+    handle = model.blocks[-1].register_forward_hook(lambda m, a, out: outs.append(out))
+    try:
+        model.init_state(src)
+    finally:
+        handle.remove()
+    return outs[0]
+
+
+def test_prefix_lm_source_loss_restores_the_masked_tokens_only():
+    """The prefix-LM masks a share of the real source tokens (never pads) with <unk>, and is scored on those alone."""
+    model = build("prefix-lm", source_mask_rate=0.5)
+    src, tgt = random_batch([9, 4, 7], [3, 5, 2], seed=4)
+    torch.manual_seed(0)
+    corrupted, targets = model._source_task(src)
+    masked = corrupted != src
+    assert masked.any() and (corrupted[masked] == 1).all() and not (masked & (src == PAD_ID)).any()
+    assert ((targets != PAD_ID) == masked).all() and (targets[masked] == src[masked]).all()
+    torch.manual_seed(0)
+    _, loss = model(src, tgt[:, :-1], with_source=True)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_source_loss_is_added_in_training_only():
+    from translator.recipe import token_loss
+
+    src, tgt = random_batch([6, 4], [3, 5], seed=5)
+    plain, weighted = build("causal-lm"), build("causal-lm", source_loss=0.5)
+    for mode in ("eval", "train"):
+        getattr(plain, mode)(), getattr(weighted, mode)()
+        torch.manual_seed(1)
+        a = token_loss(plain, src, tgt, 0.0)[0]
+        torch.manual_seed(1)
+        b = token_loss(weighted, src, tgt, 0.0)[0]
+        if mode == "eval":
+            torch.testing.assert_close(a, b)
+        else:
+            torch.manual_seed(1)
+            source = weighted(src, tgt[:, :-1], with_source=True)[1]
+            torch.testing.assert_close(b, a + 0.5 * source)

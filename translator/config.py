@@ -125,11 +125,18 @@ class DecoderOnlyConfig(TransformerConfig):
     prefix_mode: str = "bidirectional"  # bidirectional (prefix-LM) | causal (the plain recipe)
     segment_embeddings: bool = False  # add a learned source/target embedding
     rope_restart: bool = False  # restart position ids at <sep> (target positions count from 0)
+    # weight of a source-side loss in training (Gao et al. 2022), added to the target's: causal, predict each next
+    # source token; prefix-LM, restore the source tokens masked at rate source_mask_rate (denoising)
+    source_loss: float = 0.0
+    source_mask_rate: float = 0.15
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prefix_mode not in ("bidirectional", "causal"):
             raise ValueError(f"prefix_mode={self.prefix_mode!r}: expected 'bidirectional' or 'causal'")
+        if self.source_loss < 0 or not 0 < self.source_mask_rate < 1:
+            raise ValueError(f"source_loss={self.source_loss}, source_mask_rate={self.source_mask_rate}: expected a "
+                             "weight >= 0 and a rate between 0 and 1")
 
 
 Seq2SeqConfig._presets = {

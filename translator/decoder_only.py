@@ -8,6 +8,11 @@ right-padded source instead, with its pads masked as keys and skipped by the pos
 
 `prefix_mode="bidirectional"` is a prefix-LM: source positions attend to the whole source, target positions
 causally to everything before them. `"causal"` is the plain recipe: causal everywhere.
+
+`config.source_loss > 0` adds a source-side task in training, in the same pass (`forward(..., with_source=True)`):
+the causal model predicts each next source token; the prefix-LM gets a share of its source tokens replaced by
+`<unk>` and restores them from the whole (bidirectional) source, a masked-LM denoising loss. The target then reads
+the corrupted source, as with word dropout.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from translator.cache import DecodeState, LayerCache
 from translator.config import DecoderOnlyConfig
 from translator.layers import Block, Positions, count_parameters, init_weights
+from translator.tokenizer import UNK_ID
 
 
 class DecoderOnlyTransformer(nn.Module):
@@ -64,10 +71,21 @@ class DecoderOnlyTransformer(nn.Module):
             allowed = allowed.tril()
         return allowed & src_keep[:, None, None, :]
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+    def _source_task(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> (the source the model reads, the source-side targets (B, S), pad where there is no loss)."""
+        pad = self.config.pad_id
+        if self.config.prefix_mode == "causal":  # position j predicts source token j + 1 (the last one: nothing)
+            return src, torch.cat([src[:, 1:], torch.full_like(src[:, :1], pad)], dim=1)
+        masked = (torch.rand(src.shape, device=src.device) < self.config.source_mask_rate) & (src != pad)
+        return src.masked_fill(masked, UNK_ID), src.masked_fill(~masked, pad)
+
+    def forward(self, src: Tensor, tgt: Tensor, with_source: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V) for the
-        target positions only (`<sep>` predicts y1)."""
+        target positions only (`<sep>` predicts y1); with_source: also the source-side loss (a 0-d tensor, see the
+        module docstring)."""
         (B, S), T = src.shape, tgt.size(1)
+        if with_source:
+            src, src_targets = self._source_task(src)
         n = (src != self.config.pad_id).sum(1, keepdim=True)  # (B, 1) source length = position of <sep>
         tgt = torch.cat([torch.full_like(tgt[:, :1], self.config.sep_id), tgt[:, 1:]], dim=1)
         # pack: packed position j holds source token j (j < n), else target token j - n
@@ -86,8 +104,14 @@ class DecoderOnlyTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=mask is None, rope=rope)
         out = (n + torch.arange(T, device=src.device)).clamp(max=S + T - 1)  # (B, T) packed target positions
-        x = x.gather(1, out.unsqueeze(-1).expand(B, T, x.size(-1)))  # (B, T, D)
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x.gather(1, out.unsqueeze(-1).expand(B, T, x.size(-1)))))  # (B, T, V)
+        if not with_source:
+            return logits
+        # packed positions j < S hold source token j where j < n; the targets there are pad from n on
+        src_logits = self.lm_head(self.norm(x[:, :S]))  # (B, S, V)
+        total = F.cross_entropy(src_logits.flatten(0, 1), src_targets.flatten(), ignore_index=self.config.pad_id,
+                                reduction="sum")
+        return logits, total / (src_targets != self.config.pad_id).sum().clamp(min=1)  # a batch may mask none
 
     # ---- the decode-step interface (docs/design.md) ------------------------------------------------------------
     def init_state(self, src: Tensor) -> DecodeState:

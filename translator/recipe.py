@@ -29,9 +29,14 @@ def token_loss(
     model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`target_loss` of our model on a batch, and the logits (B, T, V): src (B, S); tgt (B, T+1) = `<bos> y <eos>`
-    padded; the model reads tgt[:, :-1] and predicts tgt[:, 1:]."""
-    logits = model(src, tgt[:, :-1])
-    return target_loss(logits, tgt, label_smoothing, tokens), logits
+    padded; the model reads tgt[:, :-1] and predicts tgt[:, 1:]. In training, a decoder-only model with
+    `config.source_loss` > 0 adds its source-side loss times that weight (`translator.decoder_only`)."""
+    weight = getattr(model.config, "source_loss", 0.0) if model.training else 0.0
+    if not weight:
+        logits = model(src, tgt[:, :-1])
+        return target_loss(logits, tgt, label_smoothing, tokens), logits
+    logits, source = model(src, tgt[:, :-1], with_source=True)
+    return target_loss(logits, tgt, label_smoothing, tokens) + weight * source, logits
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
