@@ -16,10 +16,12 @@ The work is done by `translator.compare` (measurement) and `translator.report` (
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from translator.generate import LENGTH_PENALTY, PENALTY
 
@@ -57,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no significance)")
     parser.add_argument("--examples", type=int, default=5, help="example translations per test set in report.md")
+    parser.add_argument("--source-attention", type=int, default=0, metavar="N",
+                        help="for each decoder-only checkpoint, the attention mass and entropy over the source by "
+                             "target position, teacher-forced on the first N pairs of the first test set "
+                             "(translator.source_attention; written to OUT/source_attention.json)")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     for name in ("beam", "batch_tokens"):
@@ -86,6 +92,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_source_attention(paths: list[str], testset, n: int, out: str) -> Path:
+    """`translator.source_attention` of each decoder-only checkpoint on the first n pairs: a table on stdout and
+    OUT/source_attention.json."""
+    from translator import checkpoint
+    from translator.decoder_only import DecoderOnlyTransformer
+    from translator.source_attention import source_attention
+
+    results = {}
+    for path in paths:
+        model, tokenizer, _ = checkpoint.load(path)
+        if isinstance(model, DecoderOnlyTransformer):
+            results[path] = source_attention(model, tokenizer, testset.sources[:n], testset.references[:n])
+    lines = ["| checkpoint | target positions | attention on the source | entropy over the source (nats) | queries |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {path} | {r['positions']} | {r['source_mass']:.3f} | {r['source_entropy']:.2f} | {r['queries']} |"
+              for path, rows in results.items() for r in rows]
+    sys.stdout.write("\n".join(lines) + "\n\n")
+    target = Path(out) / "source_attention.json"
+    target.write_text(json.dumps({"testset": testset.name, "pairs": n, "checkpoints": results}, indent=2) + "\n")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -105,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         command = shlex.join(["python", "scripts/compare.py", *(sys.argv[1:] if argv is None else argv)])
         written = write_report(report, args.out, command)
+        if args.source_attention:
+            written.append(write_source_attention(args.checkpoints, testsets[0], args.source_attention, args.out))
     except (checkpoint.CheckpointError, CompareError, OSError) as err:
         sys.stderr.write(f"{args.prog}: error: {err}\n")
         return 2

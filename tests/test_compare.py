@@ -142,6 +142,17 @@ def test_compare_writes_every_output_with_every_column(report):
     assert stdout.startswith("| model | test set | params |") and stdout.count("\n") == 4  # header, rule, 2 rows
 
 
+def test_source_attention_table_for_the_decoder_only_checkpoints(runs, script, tmp_path, capsys):
+    rc = script.main(["--checkpoints", str(runs["encdec"]), str(runs["decoder_only"]), *eval_set_args(runs),
+                      "--beam", "1", "--bootstrap", "0", "--source-attention", "6", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "source_attention.json").read_text())
+    assert data["pairs"] == 6 and list(data["checkpoints"]) == [str(runs["decoder_only"])]  # not the enc-dec
+    rows = data["checkpoints"][str(runs["decoder_only"])]
+    assert rows[0]["positions"] == "0-4" and all(0 < r["source_mass"] <= 1 for r in rows)
+    assert "| attention on the source |" in capsys.readouterr().out
+
+
 def test_perplexity_is_the_training_definition(runs):
     """Our teacher-forced perplexity on the validation pairs equals the `val/ppl` training logged for this model."""
     model, tokenizer, _ = checkpoint.load(runs["encdec"])
