@@ -9,8 +9,8 @@
 Systems, trained one after the other in this process's machine, each on the same token-budget batches:
 - ``encdec`` / ``causal`` / ``prefix``: ours, trained by the real CLI (``translator fit --config RECIPE``, default
   ``configs/quickstart.yaml``, as ``scripts/quickstart.sh`` does; ``causal``/``prefix`` swap in the decoder-only
-  module) in a subprocess, then decoded from the checkpoint that the recipe tests (``last.ckpt``) with the library's
-  default decoding settings;
+  module) in a subprocess, then decoded from the checkpoint of the best validation loss (``--ckpt best``, the peers'
+  rule, which ``scripts/quickstart.sh`` tests too) with the library's default decoding settings;
 - ``marian``: HF ``MarianMTModel`` of the same size (post-LN, N(0, 0.02) init, embeddings scaled by sqrt(d)), and
   ``gpt2``: HF ``GPT2LMHeadModel`` over ``src <sep> tgt`` with the loss on the target; both in a plain PyTorch loop
   with the recipe's optimiser, schedule, label smoothing, clipping and validation cadence (``--recipe`` as
@@ -119,7 +119,8 @@ def run_ours(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> di
     fit += args.ours_arg
     cmd = [sys.executable, "-m", "translator.cli", "fit", *fit]
     start = time.perf_counter()
-    if args.reuse and next(run_dir.rglob(args.ckpt), None) is not None:
+    pattern = "last.ckpt" if args.ckpt == "best" else args.ckpt
+    if args.reuse and next(run_dir.rglob(pattern), None) is not None:
         print(f"reusing the trained {run_dir}: evaluating again", flush=True)
         proc = subprocess.CompletedProcess(cmd, 0)
     else:
@@ -128,9 +129,11 @@ def run_ours(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> di
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"bench_quality.py: error: translator fit failed; see {run_dir / 'fit.log'}")
-    ckpt = next(run_dir.rglob(args.ckpt), None)
+    ckpt = next(run_dir.rglob(pattern), None)
     if ckpt is None:
-        raise SystemExit(f"bench_quality.py: error: no {args.ckpt} under {run_dir}")
+        raise SystemExit(f"bench_quality.py: error: no {pattern} under {run_dir}")
+    if args.ckpt == "best":
+        ckpt = checkpoint.best_of(ckpt)
     model, tok, meta = checkpoint.load(ckpt)
     raw = checkpoint.read(ckpt)
     dm = build(fit).datamodule  # the run's data, --ours-arg included
@@ -342,7 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--preset", help="override the recipe's model preset for every system (tiny: smoke runs)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N pairs of each split only (smoke runs)")
-    p.add_argument("--ckpt", default="last.ckpt", help="which of our checkpoints to test (a file name pattern)")
+    p.add_argument("--ckpt", default="best", help="which of our checkpoints to test: best (the best validation loss, "
+                   "the peers' rule too: checkpoint.best_of), or a file name pattern such as last.ckpt")
     p.add_argument("--ours-arg", action="append", default=[], help="an extra `translator fit` argument for ours "
                    "(repeatable; write it as --ours-arg=--model.init_args.config.norm_first=false)")
     p.add_argument("--reuse", action="store_true", help="ours: evaluate a run already trained in OUT again instead "

@@ -93,3 +93,25 @@ def test_ema_weights_are_validated_and_saved(tokenizer, tmp_path):
             nll += float(F.cross_entropy(logits.flatten(0, 1), gold.flatten(), ignore_index=PAD_ID, reduction="sum"))
             count += int((gold != PAD_ID).sum())
     assert abs(nll / count - logged) < 1e-4
+
+
+def test_best_of_finds_the_monitored_checkpoint_even_after_a_move(tmp_path):
+    """checkpoint.best_of reads the best path from last.ckpt's ModelCheckpoint state (the one with a monitor), also
+    when the run directory was moved; without one it is last.ckpt itself."""
+    import torch
+
+    from translator.checkpoint import best_of
+
+    run = tmp_path / "moved"
+    run.mkdir()
+    (run / "epoch=0-step=1000.ckpt").write_bytes(b"")  # only its existence matters here
+    callbacks = {
+        "ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""},
+        "ModelCheckpoint{'monitor': 'val/loss'}": {"monitor": "val/loss",
+                                                   "best_model_path": "/elsewhere/epoch=0-step=1000.ckpt"},
+    }
+    torch.save({"translator": {}, "state_dict": {}, "callbacks": callbacks}, run / "last.ckpt")
+    assert best_of(run / "last.ckpt") == run / "epoch=0-step=1000.ckpt"
+    torch.save({"translator": {}, "state_dict": {}, "callbacks": {k: v for k, v in callbacks.items() if "None" in k}},
+               run / "last.ckpt")
+    assert best_of(run / "last.ckpt") == run / "last.ckpt"

@@ -125,3 +125,17 @@ def average(paths: list[Path], ckpts: list[dict]) -> dict:
     }
     out[KEY] = {**ckpts[-1][KEY], "averaged": [str(p) for p in paths]}
     return out
+
+
+def best_of(last: str | Path) -> Path:
+    """The best checkpoint of the run that saved `last` (its last.ckpt): the `best_model_path` of the run's
+    ModelCheckpoint that monitors a metric (the recipes' `val/loss`), found where it was saved or beside `last` (a
+    moved run); `last` itself when the run kept none."""
+    for key, state in read(last).get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path"):
+            saved = Path(state["best_model_path"])
+            for path in (saved, Path(last).parent / saved.name):
+                if path.is_file():
+                    return path
+    return Path(last)
+
