@@ -140,7 +140,7 @@ def run_ours(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> di
     result = {"steps": raw["global_step"], "train_s": checkpoint.training_seconds(raw), "fit_wall_s": wall,
               "tok_per_step": real_tokens_per_step(dm),
               "params": sum(p.numel() for p in model.parameters()),
-              "command": " ".join(cmd), "checkpoint": str(ckpt.relative_to(run_dir))}
+              "command": " ".join(cmd), "checkpoint": str(ckpt.resolve().relative_to(run_dir.resolve()))}
 
     def nll(src, tgt):
         logits = model(src, tgt[:, :-1]).float()
