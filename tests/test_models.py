@@ -510,19 +510,19 @@ def test_prefix_lm_source_loss_restores_the_masked_tokens_only():
 
 
 def test_source_loss_is_added_in_training_only():
+    """The module adds config.source_loss times the source-side loss to its training loss, and evaluates without."""
+    from translator.module import DecoderOnlyModule, evaluation_metrics
     from translator.recipe import token_loss
 
+    torch.manual_seed(0)
+    module = DecoderOnlyModule(preset="tiny", vocab_size=V, config={"prefix_mode": "causal", "source_loss": 0.5})
     src, tgt = random_batch([6, 4], [3, 5], seed=5)
-    plain, weighted = build("causal-lm"), build("causal-lm", source_loss=0.5)
-    for mode in ("eval", "train"):
-        getattr(plain, mode)(), getattr(weighted, mode)()
-        torch.manual_seed(1)
-        a = token_loss(plain, src, tgt, 0.0)[0]
-        torch.manual_seed(1)
-        b = token_loss(weighted, src, tgt, 0.0)[0]
-        if mode == "eval":
-            torch.testing.assert_close(a, b)
-        else:
-            torch.manual_seed(1)
-            source = weighted(src, tgt[:, :-1], with_source=True)[1]
-            torch.testing.assert_close(b, a + 0.5 * source)
+    plain = token_loss(module.model, src, tgt, 0.0)[0]
+    source = module.model(src, tgt[:, :-1], with_source=True)[1]
+    metrics = evaluation_metrics()
+    module._evaluate({"src": src, "tgt": tgt, "index": [0, 1], "truncated": [False, False], "num_pairs": 2}, metrics,
+                     decode=[], beam=1)
+    torch.testing.assert_close(metrics["loss"].compute(), plain.float())  # evaluation: the target loss alone
+    smoothing = module.hparams.label_smoothing
+    torch.testing.assert_close(module.training_loss(src, tgt),
+                               token_loss(module.model, src, tgt, smoothing)[0] + 0.5 * source)

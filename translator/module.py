@@ -99,8 +99,10 @@ class TranslationModule(L.LightningModule):
         self.tokenizer: Tokenizer | None = None
         # a closure, not a module attribute: a second reference to the model as a child module would save every
         # weight twice in the checkpoint. self.model is looked up at each call, so a strategy that wraps it is followed
+        source_weight = getattr(self.config, "source_loss", 0.0)  # the decoder-only source-side loss, training only
         self._train_loss = recipe.compiled(
-            compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens)[0]
+            compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens,
+                                                              source_weight)[0]
         )
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()

@@ -26,17 +26,17 @@ def target_loss(logits: Tensor, tgt: Tensor, label_smoothing: float, tokens: Ten
 
 
 def token_loss(
-    model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None
+    model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None,
+    source_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """`target_loss` of our model on a batch, and the logits (B, T, V): src (B, S); tgt (B, T+1) = `<bos> y <eos>`
-    padded; the model reads tgt[:, :-1] and predicts tgt[:, 1:]. In training, a decoder-only model with
-    `config.source_loss` > 0 adds its source-side loss times that weight (`translator.decoder_only`)."""
-    weight = getattr(model.config, "source_loss", 0.0) if model.training else 0.0
-    if not weight:
+    padded; the model reads tgt[:, :-1] and predicts tgt[:, 1:]. `source_weight` > 0 (a decoder-only model's
+    `config.source_loss`, in training) adds its source-side loss times that weight (`translator.decoder_only`)."""
+    if not source_weight:
         logits = model(src, tgt[:, :-1])
         return target_loss(logits, tgt, label_smoothing, tokens), logits
     logits, source = model(src, tgt[:, :-1], with_source=True)
-    return target_loss(logits, tgt, label_smoothing, tokens) + weight * source, logits
+    return target_loss(logits, tgt, label_smoothing, tokens) + source_weight * source, logits
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
