@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from translator import quantize
 from translator.config import TransformerConfig
 from translator.data import TranslationDataModule
 from translator.recipe import target_loss
@@ -38,7 +39,7 @@ def bf16_autocast(device: torch.device) -> bool:
     (AVX512-BF16 or AMX), which torch reports at run time. Never assumed."""
     if device.type == "cuda":
         return True
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return quantize.bf16_supported()
 
 
 def autocast(device: torch.device) -> AbstractContextManager:

@@ -29,9 +29,7 @@ KINDS = ("none", "int8", "bf16")
 
 def bf16_supported() -> bool:
     """Whether this CPU has bf16 arithmetic (avx512_bf16 or AMX), as torch's own CPU capability check reports."""
-    cpu = getattr(torch, "cpu", None)
-    return bool(cpu and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def for_cpu(model: nn.Module, kind: str) -> nn.Module:
