@@ -1,78 +1,131 @@
 #!/usr/bin/env bash
-# Train the three architectures on Multi30k on one GPU, then compare their best checkpoints on test2016 (Flickr).
-#   bash scripts/compare_architectures.sh [DATA] [OUT]
-# DATA: a hub dataset id (default bentrevett/multi30k, whose `test` split is test2016) or a local directory of
-#       {split}.de.gz/{split}.en.gz files such as ../shared/data/multi30k (splits train, val, test_2016_flickr).
-# OUT:  where scripts/compare.py writes report.md, report.json and the plots (default docs/compare).
-# Runs configs/{encdec,decoder_only,decoder_only_causal}.yaml + configs/data/multi30k.yaml + configs/trainer/gpu.yaml;
-# each writes checkpoints/<run>/ (best-step=N.ckpt by val/bleu, last.ckpt, metrics.csv), which compare.py reads.
-# Environment:
-#   SKIP_TRAIN=1       compare the existing checkpoints/<run>/ without training
-#   RESUME=1           continue runs that already have a last.ckpt (translator fit --ckpt_path last)
-#   FIT_ARGS="..."     more arguments for every `translator fit` (e.g. "--trainer.max_steps 2000")
-#   COMPARE_ARGS="..." more arguments for scripts/compare.py (e.g. "--bootstrap 2000 --batch-tokens 8192")
-#   TRAINER_CONFIG, DEVICE  default configs/trainer/gpu.yaml and cuda (a CPU smoke run: configs/trainer/cpu.yaml, cpu)
+# The architecture study: train every arm for every seed with one recipe, then compare their best checkpoints
+# (scripts/compare.py: mean ± sd per arm, paired bootstrap arm against arm, curves with seed bands). docs/comparison.md
+# gives the results and the commands.
+#   bash scripts/compare_architectures.sh [options]
+# Options:
+#   --data D     a local directory of {split}.de.gz/{split}.en.gz (splits train, val, test_2016_flickr), default
+#                ../shared/data/multi30k, or a hub dataset id such as bentrevett/multi30k (its `test` split is test2016)
+#   --out DIR    runs go to DIR/runs/ARM-seedN, the report to DIR/report (default out/compare)
+#   --recipe F   the recipe every arm shares (default configs/compare/cpu.yaml: d 128, early stopping on val/loss);
+#                repeat it to layer configs, e.g. --recipe configs/compare/cpu.yaml --recipe configs/compare/gpu.yaml
+#   --arms "A B" arms to train (default "encdec causal prefix"); the variants are listed below
+#   --seeds "S"  seeds (default "0 1 2"); each run passes --seed_everything S --data.seed S
+#   --steps N    stop every run after N steps (default: the recipe's, i.e. when validation stops improving)
+#   --device D   cpu or cuda (default cpu), for training and for the comparison
+#   --fit "ARGS" more `translator fit` arguments for every run; --compare "ARGS" more scripts/compare.py arguments
+#   --quick      tiny models, 4 steps, 2 seeds, 20 test pairs: the test suite's check that the study runs end to end
+# Arms (each a switch over the recipe's model; the decoder-only arms have 7 layers, the enc-dec 3+3: equal parameters):
+#   encdec, causal (the plain src <sep> tgt recipe), prefix (prefix-LM: bidirectional source);
+#   causal-4l, prefix-4l (4 layers: about the enc-dec's training FLOPs per pair);
+#   prefix-segments (source/target embeddings), prefix-restart (target positions restart at <sep>),
+#   prefix-rope, prefix-rope-restart (RoPE, without and with the restart), prefix-srcloss (source denoising, weight 0.5)
+# A run that finished (DIR/runs/ARM-seedN/done) is kept; one that stopped early continues from its last.ckpt. So the
+# same command resumes an interrupted study, and adding seeds or arms trains only the new runs.
 set -euo pipefail
 
 die() { echo "compare_architectures.sh: error: $*" >&2; exit 2; }
-case "${1:-}" in -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
-[ $# -le 2 ] || die "expected at most 2 arguments (DATA OUT), got $#; see --help"
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-data=${1:-bentrevett/multi30k}
-out=${2:-docs/compare}
-# paths given relative to the caller's directory stay valid after the cd to the repository below
-if [ -d "$data" ]; then data=$(cd "$data" && pwd); fi
-if [ $# -ge 2 ] && [ "${out#/}" = "$out" ]; then out="$PWD/$out"; fi
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+data=$root/../shared/data/multi30k out=out/compare recipes=()
+arms="encdec causal prefix" seeds="0 1 2" steps="" device=cpu fit_extra="" compare_extra="" quick=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --quick) quick=1; shift; continue ;;
+    --data | --out | --recipe | --arms | --seeds | --steps | --device | --fit | --compare)
+      [ $# -ge 2 ] || die "$1 needs a value"
+      case "$1" in
+        --data) data=$2 ;; --out) out=$2 ;; --recipe) recipes+=("$2") ;; --arms) arms=$2 ;; --seeds) seeds=$2 ;;
+        --steps) steps=$2 ;; --device) device=$2 ;; --fit) fit_extra=$2 ;; --compare) compare_extra=$2 ;;
+      esac
+      shift 2 ;;
+    *) die "unknown argument $1; see --help" ;;
+  esac
+done
 
-runs=(encdec decoder_only decoder_only_causal)
-trainer_config=${TRAINER_CONFIG:-configs/trainer/gpu.yaml}
-device=${DEVICE:-cuda}
-read -r -a fit_args <<< "${FIT_ARGS:-}"
-read -r -a compare_args <<< "${COMPARE_ARGS:-}"
-for f in configs/data/multi30k.yaml "$trainer_config"; do [ -e "$f" ] || die "$f not found"; done
-for run in "${runs[@]}"; do [ -e "configs/$run.yaml" ] || die "configs/$run.yaml not found"; done
+# the model switches of every arm, over the recipe
+decoder=(--model.class_path translator.module.DecoderOnlyModule)
+prefix=("${decoder[@]}" --model.init_args.config.prefix_mode bidirectional)
+arm_args() {
+  local c=--model.init_args.config
+  case "$1" in
+    encdec) ;;
+    causal) echo "${decoder[@]}" $c.prefix_mode causal ;;
+    prefix) echo "${prefix[@]}" ;;
+    causal-4l) echo "${decoder[@]}" $c.prefix_mode causal $c.n_layers 4 ;;
+    prefix-4l) echo "${prefix[@]}" $c.n_layers 4 ;;
+    prefix-segments) echo "${prefix[@]}" $c.segment_embeddings true ;;
+    prefix-restart) echo "${prefix[@]}" $c.rope_restart true ;;
+    prefix-rope) echo "${prefix[@]}" $c.positions rope ;;
+    prefix-rope-restart) echo "${prefix[@]}" $c.positions rope $c.rope_restart true ;;
+    prefix-srcloss) echo "${prefix[@]}" $c.source_loss 0.5 ;;
+    *) return 1 ;;
+  esac
+}
+for arm in $arms; do arm_args "$arm" > /dev/null || die "unknown arm $arm; see --help for the arms"; done
+for seed in $seeds; do [[ $seed =~ ^[0-9]+$ ]] || die "--seeds: $seed is not a non-negative integer"; done
+[ -z "$steps" ] || [[ $steps =~ ^[1-9][0-9]*$ ]] || die "--steps: $steps is not a positive integer"
+[ ${#recipes[@]} -gt 0 ] || recipes=("$root/configs/compare/cpu.yaml")
+configs=()
+for f in "${recipes[@]}"; do
+  [ -f "$f" ] || die "--recipe: $f not found"
+  configs+=(--config "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")")
+done
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 
 if [ -d "$data" ]; then
-  # a local copy names its splits differently from the hub (see configs/data/multi30k.yaml)
+  data=$(cd "$data" && pwd)
   for split in train val test_2016_flickr; do
-    [ -e "$data/$split.de.gz" ] || [ -e "$data/$split.de" ] || die "$data has no $split.de[.gz]"
+    [ -e "$data/$split.de.gz" ] || [ -e "$data/$split.de" ] || die "--data: $data has no $split.de[.gz]"
   done
   data_args=(--data.path "$data" --data.val_split val --data.test_split test_2016_flickr)
   testset="test2016=$data:test_2016_flickr"
 elif [ -e "$data" ]; then
-  die "$data is not a directory (expected a hub dataset id or a directory of {split}.de.gz/{split}.en.gz files)"
+  die "--data: $data is not a directory (expected a hub dataset id or a directory of {split}.de.gz/{split}.en.gz)"
 else
   data_args=(--data.path "$data")
   testset="test2016=$data:test"
 fi
 
-if [ "$device" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  die "no CUDA device: this script trains on a GPU (for a CPU smoke run set TRAINER_CONFIG=configs/trainer/cpu.yaml DEVICE=cpu)"
+read -r -a fit_args <<< "$fit_extra"
+read -r -a compare_args <<< "$compare_extra"
+if [ "$quick" = 1 ]; then
+  c=--model.init_args.config
+  fit_args=($c.d_model 32 $c.n_heads 2 $c.d_ff 64 --data.vocab_size 500 --trainer.max_steps 4
+            --trainer.val_check_interval 2 --trainer.limit_val_batches 2 ${fit_args[@]+"${fit_args[@]}"})
+  compare_args=(--limit 20 --beam 2 --bootstrap 50 --examples 1 ${compare_args[@]+"${compare_args[@]}"})
+  [ "$seeds" != "0 1 2" ] || seeds="0 1"
 fi
+[ -z "$steps" ] || fit_args+=(--trainer.max_steps "$steps" --trainer.max_time null)
+[ "$device" = cpu ] || fit_args+=(--trainer.accelerator gpu --trainer.devices 1)
 
-checkpoints=()
-for run in "${runs[@]}"; do
-  dir=checkpoints/$run  # the configs' ModelCheckpoint dirpath and CSVLogger save_dir/name
-  if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-    resume=()
-    if [ -e "$dir/last.ckpt" ]; then
-      [ "${RESUME:-0}" = 1 ] || die "$dir already holds a run: RESUME=1 continues it, SKIP_TRAIN=1 compares it as is, or move it away"
-      resume=(--ckpt_path last)
+checkpoints=() names=()
+for seed in $seeds; do
+  for arm in $arms; do
+    name=$arm-seed$seed run=$out/runs/$arm-seed$seed
+    mkdir -p "$run"
+    if [ ! -e "$run/done" ]; then
+      resume=()
+      [ ! -e "$run/checkpoints/run/last.ckpt" ] || resume=(--ckpt_path last)
+      read -r -a model <<< "$(arm_args "$arm")"
+      cmd=(translator fit "${configs[@]}" "${data_args[@]}" --data.tokenizer_dir "$out/tokenizers"
+           --seed_everything "$seed" --data.seed "$seed" ${model[@]+"${model[@]}"}
+           ${fit_args[@]+"${fit_args[@]}"} ${resume[@]+"${resume[@]}"})
+      echo "== $(date -u +%H:%M:%S) training $name${resume[*]:+ (resuming)}" >&2
+      printf '%q ' "${cmd[@]}" > "$run/command" && echo >> "$run/command"
+      (cd "$run" && "${cmd[@]}" >> fit.log 2>&1) || die "training $name failed; see $run/fit.log"
+      touch "$run/done"
     fi
-    echo "== training $run" >&2
-    translator fit --config "configs/$run.yaml" --config configs/data/multi30k.yaml --config "$trainer_config" \
-      "${data_args[@]}" ${fit_args[@]+"${fit_args[@]}"} ${resume[@]+"${resume[@]}"}
-  fi
-  best=""
-  for f in "$dir"/best*.ckpt; do  # the newest: a stale best from an earlier run in the same directory is older
-    if [ -e "$f" ] && { [ -z "$best" ] || [ "$f" -nt "$best" ]; }; then best=$f; fi
+    best=$(ls "$run"/checkpoints/run/best*.ckpt 2> /dev/null | head -1)
+    [ -n "$best" ] || best=$run/checkpoints/run/last.ckpt
+    [ -e "$best" ] || die "$run has no checkpoint; see $run/fit.log"
+    checkpoints+=("$best") names+=("$name")
   done
-  [ -n "$best" ] || die "no best*.ckpt in $dir (the configs' ModelCheckpoint saves best-step=N.ckpt by val/bleu)"
-  echo "== $run: $best" >&2
-  checkpoints+=("$best")
 done
 
-python3 scripts/compare.py --checkpoints "${checkpoints[@]}" --names "${runs[@]}" --testset "$testset" \
-  --device "$device" --beam 5 --out "$out" ${compare_args[@]+"${compare_args[@]}"}
-echo "== report: $out/report.md" >&2
+echo "== $(date -u +%H:%M:%S) comparing ${#names[@]} runs" >&2
+python3 "$root/scripts/compare.py" --checkpoints "${checkpoints[@]}" --names "${names[@]}" --testset "$testset" \
+  --device "$device" --out "$out/report" ${compare_args[@]+"${compare_args[@]}"}
+echo "== report: $out/report/report.md" >&2

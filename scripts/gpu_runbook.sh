@@ -6,8 +6,8 @@
 #
 # Parts, in the order that serves the open issues best, with their time caps (a part never runs over its cap: each
 # command has a `timeout`, and partial results stay):
-#   train      (~9 min) issues #4 and #6: trains encdec, decoder_only and decoder_only_causal (base size, bf16,
-#              TRAIN_TIME each, default 00:00:02:30), then scripts/compare.py on test2016 -> $OUT/compare/
+#   train      (~9 min) the architecture study's GPU column: encdec, causal and prefix at base size (bf16, TRAIN_TIME
+#              each, default 00:00:02:30), then scripts/compare.py on test2016 -> $OUT/compare/report/
 #   decode     (~5 min) issue #5: scripts/bench_decode.py, random-init base models against HF generate(), greedy
 #              and beam 5, dynamic and CUDA-graph search; with the train part's checkpoints when present
 #   ttb        (~5 min) issue #8: scripts/time_to_bleu.py, the encdec recipe until test2016 greedy BLEU >= 41.3
@@ -23,7 +23,7 @@
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash scripts/gpu_runbook.sh train
 #   The cached tokenizer (checkpoints/tokenizers/) may travel too (carry it) to save its ~20 s of training.
 # DRY_RUN=1 prints the commands without running them; EXTRA_FIT_ARGS adds arguments to the train part's fits
-# (tests/test_compare.py runs scripts/compare_architectures.sh itself on CPU with tiny models).
+# (tests/test_compare.py runs scripts/compare_architectures.sh --quick on CPU with tiny models).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -56,17 +56,16 @@ run() {  # run CAP_SECONDS LOG_NAME COMMAND...: time-capped, logged, never abort
 
 part_train() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-  FIT_ARGS="--trainer.max_time $TRAIN_TIME --data.num_workers 4 ${EXTRA_FIT_ARGS:-}" COMPARE_ARGS="--bootstrap 1000" \
-    run 570 train bash scripts/compare_architectures.sh "$DATA" "$OUT/compare"
-  for run in encdec decoder_only decoder_only_causal; do  # the training curves, for docs/results.md
-    [ -e "checkpoints/$run/metrics.csv" ] && cp "checkpoints/$run/metrics.csv" "$OUT/compare/$run-metrics.csv"
-  done
+  # the study's three arms at base size (26.2M parameters each), TRAIN_TIME each; the curves stay in the runs' folders
+  run 570 train bash scripts/compare_architectures.sh --data "$DATA" --out "$OUT/compare" --device cuda --seeds 0 \
+    --recipe configs/compare/cpu.yaml --recipe configs/compare/gpu.yaml --compare "--bootstrap 1000" \
+    --fit "--trainer.max_time $TRAIN_TIME ${EXTRA_FIT_ARGS:-}"
 }
 
 part_decode() {
   local ckpts=()
-  for run in encdec decoder_only; do
-    for f in checkpoints/$run/best*.ckpt; do [ -e "$f" ] && ckpts+=("$f"); done
+  for run in encdec prefix; do  # the train part's checkpoints
+    for f in "$OUT"/compare/runs/$run-seed0/checkpoints/run/best*.ckpt; do [ -e "$f" ] && ckpts+=("$f"); done
   done
   run 300 bench_decode python3 scripts/bench_decode.py --beams 1 5 --static no yes --json "$OUT/bench_decode.json" \
     ${ckpts[@]+--checkpoint "${ckpts[@]}"}

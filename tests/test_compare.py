@@ -26,7 +26,7 @@ from sacrebleu.significance import PairedTest, _compute_p_value
 
 from translator import checkpoint
 from translator.compare import CompareError, arm_of, perplexity, read_testset
-from translator.report import plot_curves
+from translator.report import curve_table, plot_curves
 from translator.significance import bootstrap_arms, paired_bootstrap
 from translator.training_log import read_training_log, seed_band
 
@@ -341,6 +341,23 @@ def test_seeds_are_grouped_into_arms(runs, script, report, tmp_path, capsys):
     assert "| arm | test set | seeds |" in captured.out and captured.out.startswith("| model | test set |")
 
 
+def test_curve_table_gives_each_arms_mean_and_sd_at_the_shared_steps():
+    from translator.training_log import TrainingLog
+
+    def run(*points):
+        return TrainingLog("metrics.csv", curves={"val/ppl": list(points)})
+
+    arms = {"a": [run((100, 10.0), (200, 6.0), (300, 5.0)), run((100, 12.0), (200, 8.0))],  # seed 2 stopped early
+            "b": [run((100, 20.0), (200, 9.0), (300, 7.0), (400, 6.0))]}
+    lines = curve_table(arms).splitlines()
+    assert lines[0] == "| arm | step 100 | step 200 | step 300 |"  # step 400: arm a never got there
+    assert lines[2] == f"| a | 11.00 ± {np.std([10, 12], ddof=1):.2f} | 7.00 ± {np.std([6, 8], ddof=1):.2f} | 5.00 |"
+    assert lines[3] == "| b | 20.00 | 9.00 | 7.00 |"
+    many = {"a": [run(*((s, 1.0) for s in range(1, 101)))]}  # at most `columns` steps, spread, first and last kept
+    assert curve_table(many, columns=3).splitlines()[0] == "| arm | step 1 | step 51 | step 100 |"
+    assert curve_table({"a": [run((1, 1.0))], "b": [run((2, 1.0))]}) is None
+
+
 def test_testset_files_must_pair_up(tmp_path):
     (tmp_path / "a.de").write_text("Hallo\n")
     (tmp_path / "b.en").write_text("Hello\n")
@@ -355,40 +372,45 @@ def test_testset_files_must_pair_up(tmp_path):
     assert ts.name == "mine" and len(ts.sources) == len(ts.references) == 3 and "val.de" in ts.where
 
 
-def test_compare_architectures_script_end_to_end(tokenizer, tmp_path):
-    """scripts/compare_architectures.sh, the whole experiment in one command, on CPU with tiny models: three `fit`s of
-    the shipped configs, then compare.py over their best checkpoints."""
+def test_compare_architectures_quick_runs_the_whole_study(tmp_path):
+    """scripts/compare_architectures.sh --quick: every arm for two seeds with the study's recipe (tiny widths, 4 steps),
+    then compare.py's per-arm report; a second call keeps the finished runs, and bad arguments are named."""
     import subprocess
     import sys
 
-    repo = tmp_path / "repo"  # the script writes checkpoints/<run>/ next to its configs: a copy keeps the repo clean
-    (repo / "scripts").mkdir(parents=True)
-    for name in ("compare_architectures.sh", "compare.py"):
-        shutil.copy(REPO / "scripts" / name, repo / "scripts" / name)
-    shutil.copytree(REPO / "configs", repo / "configs")
-    data = tmp_path / "multi30k"
-    data.mkdir()
-    for split, source, n in (("train", "train", 2000), ("val", "val", 32), ("test_2016_flickr", "test_2016_flickr", 40)):
-        for lang in ("de", "en"):
-            with gzip.open(MULTI30K / f"{source}.{lang}.gz", "rt", encoding="utf-8") as f:
-                (data / f"{split}.{lang}").write_text("".join(itertools.islice(f, n)), encoding="utf-8")
-    tokenizer_file = tmp_path / "tok.model"
-    tokenizer.save(tokenizer_file)
-    fit = (f"--model.init_args.preset tiny --model.init_args.bleu_sentences 8 --trainer.max_steps 12 "
-           f"--trainer.val_check_interval 6 --trainer.enable_progress_bar false --data.tokenizer {tokenizer_file} "
-           "--trainer.log_every_n_steps 2 --data.vocab_size 1000 --data.num_workers 0 --data.shuffle_buffer 500 "
-           "--data.max_tokens 1024")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINER_CONFIG": "configs/trainer/cpu.yaml", "DEVICE": "cpu",
-           "FIT_ARGS": fit, "COMPARE_ARGS": "--bootstrap 50 --beam 2 --examples 1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = tmp_path / "report"
-    proc = subprocess.run(["bash", str(repo / "scripts" / "compare_architectures.sh"), str(data), str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    script = REPO / "scripts" / "compare_architectures.sh"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "study"
+
+    def study(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), "--quick", "--data", str(MULTI30K), "--out", str(out), *args],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    proc = study()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert [r["model"] for r in report["rows"]] == ["encdec", "decoder_only", "decoder_only_causal"]
-    for r in report["rows"]:  # best checkpoints (by val/bleu at step 6 or 12), their training logs read
-        assert r["steps"] in (6, 12) and r["train_tok_per_s"] > 0, r
-    assert (out / "report.md").is_file() and list(out.glob("*.png"))
-    for run in ("encdec", "decoder_only", "decoder_only_causal"):
-        assert list((repo / "checkpoints" / run).glob("best-step=*.ckpt"))
+    names = [f"{arm}-seed{seed}" for seed in (0, 1) for arm in ("encdec", "causal", "prefix")]
+    assert proc.stderr.count("training ") == 6
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == names
+    assert {r["steps"] for r in report["rows"]} == {4}
+    assert [(a["arm"], a["seeds"]) for a in report["arm_rows"]] == [("encdec", 2), ("causal", 2), ("prefix", 2)]
+    for name in names:  # each run: its own seed, its arm's model, its command kept beside it
+        run = out / "runs" / name
+        meta = checkpoint.read(next((run / "checkpoints" / "run").glob("best*.ckpt")))[checkpoint.KEY]
+        arm, seed = name.rsplit("-seed", 1)
+        assert (run / "done").exists() and f"--seed_everything {seed} --data.seed {seed}" in (run / "command").read_text()
+        assert meta["arch"] == ("seq2seq" if arm == "encdec" else "decoder_only")
+        if arm != "encdec":
+            assert meta["config"]["prefix_mode"] == {"causal": "causal", "prefix": "bidirectional"}[arm]
+    assert "| encdec | test2016 | 2 |" in (out / "report" / "report.md").read_text()
+
+    again = study("--arms", "encdec prefix-srcloss", "--seeds", "0")  # encdec-seed0 is done: only the new arm trains
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training encdec" not in again.stderr and again.stderr.count("training prefix-srcloss-seed0") == 1
+    meta = checkpoint.read(out / "runs" / "prefix-srcloss-seed0" / "checkpoints" / "run" / "last.ckpt")[checkpoint.KEY]
+    assert meta["config"]["source_loss"] == 0.5
+
+    for args, message in ((("--arms", "encdec transformer"), "unknown arm transformer"),
+                          (("--seeds", "one"), "--seeds: one is not"), (("--recipe", "nope.yaml"), "--recipe: nope.yaml")):
+        bad = study(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr

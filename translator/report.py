@@ -113,6 +113,26 @@ def significance_lines(report: Report) -> list[str]:
     return lines
 
 
+def curve_table(arm_logs: dict[str, list[TrainingLog]], metric: str = "val/ppl", columns: int = 8) -> str | None:
+    """`metric` at the steps that every arm logged (at most `columns` of them, evenly spread, the last kept), one row
+    per arm: the mean ± sd over its runs. None when the arms share no logged step."""
+    at: dict[str, dict[int, list[float]]] = {arm: {} for arm in arm_logs}
+    for arm, logs in arm_logs.items():
+        for lg in logs:
+            for step, value in lg.curves.get(metric, []):
+                at[arm].setdefault(step, []).append(value)
+    steps = sorted(set.intersection(*(set(v) for v in at.values()))) if at else []
+    if not steps:
+        return None
+    steps = [steps[i] for i in sorted({round(k * (len(steps) - 1) / max(columns - 1, 1)) for k in range(columns)})]
+    lines = ["| arm | " + " | ".join(f"step {s:,}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for arm, values in at.items():
+        cells = [f"{np.mean(values[s]):.2f}" + (f" ± {np.std(values[s], ddof=1):.2f}" if len(values[s]) > 1 else "")
+                 for s in steps]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -222,13 +242,14 @@ def write_report(report: Report, out_dir: str | os.PathLike, command: str | None
     text = json.dumps(data, indent=2, ensure_ascii=False, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     (out / "report.json").write_text(text + "\n", encoding="utf-8")
     written.append(out / "report.json")
-    (out / "report.md").write_text(report_markdown(report, command, curves, buckets_png), encoding="utf-8")
+    md = report_markdown(report, command, curves, buckets_png, curve_table(arm_logs))
+    (out / "report.md").write_text(md, encoding="utf-8")
     written.append(out / "report.md")
     return written
 
 
 def report_markdown(report: Report, command: str | None, curves: list[tuple[str, Path]],
-                    buckets_png: dict[str, Path]) -> str:
+                    buckets_png: dict[str, Path], ppl_by_step: str | None = None) -> str:
     """report.md: settings, the tables, significance, signatures, the plots, BLEU by length, examples, notes."""
     s = report.settings
     seeds = bool(report.arm_rows)
@@ -265,6 +286,11 @@ def report_markdown(report: Report, command: str | None, curves: list[tuple[str,
     for metric, sig in report.signatures.get("paired_bs", {}).items():
         md.append(f"- paired bootstrap, {metric} `{sig}`")
     md.append("")
+    if ppl_by_step:
+        md += ["## Validation perplexity by training step", "",
+               ("Mean ± sd over each arm's seeds" if seeds else "Each run") + ", at the steps every "
+               + ("arm" if seeds else "run") + " validated (the runs' own validation set and batches).", "",
+               ppl_by_step]
     for against, path in curves:
         md += [f"## Validation curves against {against}", "", f"![validation curves]({path.name})", ""]
     for ts in report.testsets:
