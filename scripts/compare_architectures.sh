@@ -118,7 +118,9 @@ for seed in $seeds; do
       (cd "$run" && "${cmd[@]}" >> fit.log 2>&1) || die "training $name failed; see $run/fit.log"
       touch "$run/done"
     fi
-    best=$(ls "$run"/checkpoints/run/best*.ckpt 2> /dev/null | head -1)
+    # the newest best*.ckpt: the recipe keeps one (save_top_k 1) and writes it on every improvement, so the newest
+    # also wins over a best copied along with a run that then continued elsewhere
+    best=$(ls -t "$run"/checkpoints/run/best*.ckpt 2> /dev/null | head -1)
     [ -n "$best" ] || best=$run/checkpoints/run/last.ckpt
     [ -e "$best" ] || die "$run has no checkpoint; see $run/fit.log"
     checkpoints+=("$best") names+=("$name")

@@ -403,6 +403,16 @@ def test_compare_architectures_quick_runs_the_whole_study(tmp_path):
         if arm != "encdec":
             assert meta["config"]["prefix_mode"] == {"causal": "causal", "prefix": "bidirectional"}[arm]
     assert "| encdec | test2016 | 2 |" in (out / "report" / "report.md").read_text()
+    views = [sys.executable, str(REPO / "scripts" / "study_views.py")]
+    compute = subprocess.run([*views, "compute", str(out / "runs"), "--data", str(MULTI30K)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert compute.returncode == 0, compute.stderr[-3000:]
+    table = [line for line in compute.stdout.splitlines() if line.startswith("| ")][2:]
+    assert [line.split(" | ")[:2] for line in table] == [["| encdec", "2"], ["| causal", "2"], ["| prefix", "2"]]
+    assert "| 1.00x |" in table[0] and float(table[1].split(" | ")[2].rstrip("x")) > 1.2  # 7 layers over src + tgt
+    attention = subprocess.run([*views, "attention", str(out / "runs" / "prefix-seed0"), "--pairs", "5",
+                                "--data", str(MULTI30K)], env=env, capture_output=True, text=True, timeout=300)
+    assert attention.returncode == 0 and "prefix-seed0: 0-4: " in attention.stdout, attention.stderr[-3000:]
 
     again = study("--arms", "encdec prefix-srcloss", "--seeds", "0")  # encdec-seed0 is done: only the new arm trains
     assert again.returncode == 0, again.stderr[-3000:]

@@ -289,7 +289,8 @@ def report_markdown(report: Report, command: str | None, curves: list[tuple[str,
     if ppl_by_step:
         md += ["## Validation perplexity by training step", "",
                ("Mean ± sd over each arm's seeds" if seeds else "Each run") + ", at the steps every "
-               + ("arm" if seeds else "run") + " validated (the runs' own validation set and batches).", "",
+               + ("arm" if seeds else "run") + " validated (the runs' own validation set and batches), numbered as "
+               "`metrics.csv` logs them: the step count minus one.", "",
                ppl_by_step]
     for against, path in curves:
         md += [f"## Validation curves against {against}", "", f"![validation curves]({path.name})", ""]
