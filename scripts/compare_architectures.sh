@@ -6,7 +6,8 @@
 # Options:
 #   --data D     a local directory of {split}.de.gz/{split}.en.gz (splits train, val, test_2016_flickr), default
 #                ../shared/data/multi30k, or a hub dataset id such as bentrevett/multi30k (its `test` split is test2016)
-#   --out DIR    runs go to DIR/runs/ARM-seedN, the report to DIR/report (default out/compare)
+#   --out DIR    runs go to DIR/runs/ARM-seedN (default out/compare)
+#   --report R   scripts/compare.py's report folder (default DIR/report)
 #   --recipe F   the recipe every arm shares (default configs/compare/cpu.yaml: d 128, early stopping on val/loss);
 #                repeat it to layer configs, e.g. --recipe configs/compare/cpu.yaml --recipe configs/compare/gpu.yaml
 #   --arms "A B" arms to train (default "encdec causal prefix"); the variants are listed below
@@ -29,15 +30,15 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 data=$root/../shared/data/multi30k out=out/compare recipes=()
-arms="encdec causal prefix" seeds="0 1 2" steps="" device=cpu fit_extra="" compare_extra="" quick=0
+arms="encdec causal prefix" seeds="0 1 2" steps="" device=cpu fit_extra="" compare_extra="" quick=0 report=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --quick) quick=1; shift; continue ;;
-    --data | --out | --recipe | --arms | --seeds | --steps | --device | --fit | --compare)
+    --data | --out | --report | --recipe | --arms | --seeds | --steps | --device | --fit | --compare)
       [ $# -ge 2 ] || die "$1 needs a value"
       case "$1" in
-        --data) data=$2 ;; --out) out=$2 ;; --recipe) recipes+=("$2") ;; --arms) arms=$2 ;; --seeds) seeds=$2 ;;
+        --data) data=$2 ;; --out) out=$2 ;; --report) report=$2 ;; --recipe) recipes+=("$2") ;; --arms) arms=$2 ;; --seeds) seeds=$2 ;;
         --steps) steps=$2 ;; --device) device=$2 ;; --fit) fit_extra=$2 ;; --compare) compare_extra=$2 ;;
       esac
       shift 2 ;;
@@ -74,6 +75,7 @@ for f in "${recipes[@]}"; do
   configs+=(--config "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")")
 done
 mkdir -p "$out" && out=$(cd "$out" && pwd)
+report=${report:-$out/report}
 
 if [ -d "$data" ]; then
   data=$(cd "$data" && pwd)
@@ -129,5 +131,5 @@ done
 
 echo "== $(date -u +%H:%M:%S) comparing ${#names[@]} runs" >&2
 python3 "$root/scripts/compare.py" --checkpoints "${checkpoints[@]}" --names "${names[@]}" --testset "$testset" \
-  --device "$device" --out "$out/report" ${compare_args[@]+"${compare_args[@]}"}
-echo "== report: $out/report/report.md" >&2
+  --device "$device" --out "$report" ${compare_args[@]+"${compare_args[@]}"}
+echo "== report: $report/report.md" >&2

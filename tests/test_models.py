@@ -461,6 +461,25 @@ def test_training_loss_traces_without_graph_breaks(arch, positions):
         step(src, tgt).backward()
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_rope_restart_counts_target_positions_from_zero_at_sep(restart):
+    """With rope_restart the position ids start again at 0 at `<sep>` (any position kind; here sinusoidal), in
+    training and in decoding; without it they continue from the source length."""
+    model = build("prefix-lm", "sinusoidal", rope_restart=restart)
+    seen = []
+    model.positions.register_forward_hook(lambda m, args, out: seen.append(args[0].expand(2, -1).clone()))
+    src, tgt = random_batch([3, 5], [4, 2], seed=5)
+    model(src, tgt[:, :-1])
+    pos, T = seen[-1], tgt.size(1) - 1
+    for row, n in enumerate([3, 5]):
+        target = pos[row, n : n + T].tolist()
+        assert pos[row, :n].tolist() == list(range(n))
+        assert target == (list(range(T)) if restart else list(range(n, n + T)))
+    state = model.init_state(src)  # decoding: the first target step (`<sep>`) is at position 0, or at n
+    model.decode_step(torch.full((2, 1), model.config.sep_id), state)
+    assert seen[-1].flatten().tolist() == ([0, 0] if restart else [3, 5])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The source-side loss of the decoder-only model (config.source_loss)
 # ---------------------------------------------------------------------------------------------------------------
