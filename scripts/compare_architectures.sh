@@ -20,9 +20,11 @@
 #   encdec, causal (the plain src <sep> tgt recipe), prefix (prefix-LM: bidirectional source);
 #   causal-4l, prefix-4l (4 layers: about the enc-dec's training FLOPs per pair);
 #   prefix-segments (source/target embeddings), prefix-restart (target positions restart at <sep>),
-#   prefix-rope, prefix-rope-restart (RoPE, without and with the restart), prefix-srcloss (source denoising, weight 0.5)
-# A run that finished (DIR/runs/ARM-seedN/done) is kept; one that stopped early continues from its last.ckpt. So the
-# same command resumes an interrupted study, and adding seeds or arms trains only the new runs.
+#   prefix-rope, prefix-rope-restart (RoPE, without and with the restart), prefix-srcloss (source denoising, weight 0.5),
+#   prefix-srcloss-separate (the same denoising in a second pass over the source alone: the target reads it clean)
+# A run that finished (DIR/runs/ARM-seedN/done) is kept; one that was interrupted continues from its last.ckpt. So the
+# same command resumes an interrupted study, and adding seeds or arms trains only the new runs. A run that stopped at
+# a smaller --steps cap (not by early stopping) continues to the new cap: a larger --steps carries the study on.
 set -euo pipefail
 
 die() { echo "compare_architectures.sh: error: $*" >&2; exit 2; }
@@ -62,6 +64,7 @@ arm_args() {
     prefix-rope) echo "${prefix[@]}" $c.positions rope ;;
     prefix-rope-restart) echo "${prefix[@]}" $c.positions rope $c.rope_restart true ;;
     prefix-srcloss) echo "${prefix[@]}" $c.source_loss 0.5 ;;
+    prefix-srcloss-separate) echo "${prefix[@]}" $c.source_loss 0.5 $c.source_loss_separate true ;;
     *) return 1 ;;
   esac
 }
@@ -108,6 +111,9 @@ for seed in $seeds; do
   for arm in $arms; do
     name=$arm-seed$seed run=$out/runs/$arm-seed$seed
     mkdir -p "$run"
+    # a finished run that stopped at a step cap below --steps (not by early stopping) trains on to the new cap
+    capped=$({ grep -o 'max_steps=[0-9]*` reached' "$run/fit.log" 2> /dev/null || true; } | tail -1 | tr -dc 0-9)
+    [ -z "$steps" ] || [ -z "$capped" ] || [ "$capped" -ge "$steps" ] || rm -f "$run/done"
     if [ ! -e "$run/done" ]; then
       resume=()
       [ ! -e "$run/checkpoints/run/last.ckpt" ] || resume=(--ckpt_path last)

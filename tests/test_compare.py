@@ -420,6 +420,13 @@ def test_compare_architectures_quick_runs_the_whole_study(tmp_path):
     meta = checkpoint.read(out / "runs" / "prefix-srcloss-seed0" / "checkpoints" / "run" / "last.ckpt")[checkpoint.KEY]
     assert meta["config"]["source_loss"] == 0.5
 
+    # a larger --steps carries a run that stopped at its step cap on from its last.ckpt; a run at the cap is kept
+    longer = study("--arms", "encdec causal", "--seeds", "0", "--steps", "6")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert longer.stderr.count("training encdec-seed0 (resuming)") == longer.stderr.count("training causal-seed0") == 1
+    assert checkpoint.read(out / "runs" / "encdec-seed0" / "checkpoints" / "run" / "last.ckpt")["global_step"] == 6
+    assert "training" not in study("--arms", "encdec", "--seeds", "0", "--steps", "6").stderr
+
     for args, message in ((("--arms", "encdec transformer"), "unknown arm transformer"),
                           (("--seeds", "one"), "--seeds: one is not"), (("--recipe", "nope.yaml"), "--recipe: nope.yaml")):
         bad = study(*args)

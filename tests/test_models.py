@@ -528,6 +528,32 @@ def test_prefix_lm_source_loss_restores_the_masked_tokens_only():
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_separate_source_loss_leaves_the_target_reading_the_clean_source():
+    """source_loss_separate: the target's logits are those of the plain pass over the clean source (the same pass
+    sharing the corruption changes them), and the source loss is the prefill's own denoising cross-entropy."""
+    model = build("prefix-lm", source_mask_rate=0.5).eval()  # no dropout: the passes compare exactly
+    src, tgt = random_batch([9, 4, 7], [3, 5, 2], seed=6)
+    clean = model(src, tgt[:, :-1])
+    torch.manual_seed(0)
+    shared, _ = model(src, tgt[:, :-1], with_source=True)
+    assert not torch.allclose(shared, clean)  # the target read the masked source
+    model.config.source_loss_separate = True
+    torch.manual_seed(0)
+    logits, loss = model(src, tgt[:, :-1], with_source=True)
+    torch.testing.assert_close(logits, clean)
+    torch.manual_seed(0)
+    corrupted, targets = model._source_task(src)
+    hidden = _prefill_output(model, corrupted)  # the source alone, through the prefix attention
+    keep = targets != PAD_ID
+    expected = F.cross_entropy(model.lm_head(model.norm(hidden))[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_separate_source_loss_needs_the_prefix_lm():
+    with pytest.raises(ValueError, match="source_loss_separate: only the prefix-LM"):
+        build("causal-lm", source_loss=0.5, source_loss_separate=True)
+
+
 def test_source_loss_is_added_in_training_only():
     """The module adds config.source_loss times the source-side loss to its training loss, and evaluates without."""
     from translator.module import DecoderOnlyModule, evaluation_metrics

@@ -129,6 +129,9 @@ class DecoderOnlyConfig(TransformerConfig):
     # source token; prefix-LM, restore the source tokens masked at rate source_mask_rate (denoising)
     source_loss: float = 0.0
     source_mask_rate: float = 0.15
+    # prefix-LM: denoise in a second pass over the source alone, so the target reads the clean source (costs about
+    # the source's share of a training step more); false: in the training pass itself, the target reads the masks
+    source_loss_separate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +140,9 @@ class DecoderOnlyConfig(TransformerConfig):
         if self.source_loss < 0 or not 0 < self.source_mask_rate < 1:
             raise ValueError(f"source_loss={self.source_loss}, source_mask_rate={self.source_mask_rate}: expected a "
                              "weight >= 0 and a rate between 0 and 1")
+        if self.source_loss_separate and self.prefix_mode == "causal":
+            raise ValueError("source_loss_separate: only the prefix-LM corrupts its source; the causal model's source "
+                             "loss (next-token prediction) already leaves the target's source clean")
 
 
 Seq2SeqConfig._presets = {

@@ -12,7 +12,8 @@ causally to everything before them. `"causal"` is the plain recipe: causal every
 `config.source_loss > 0` adds a source-side task in training, in the same pass (`forward(..., with_source=True)`):
 the causal model predicts each next source token; the prefix-LM gets a share of its source tokens replaced by
 `<unk>` and restores them from the whole (bidirectional) source, a masked-LM denoising loss. The target then reads
-the corrupted source, as with word dropout.
+the corrupted source, as with word dropout, unless `config.source_loss_separate` moves the denoising to a second pass
+over the source alone (the prefill's attention), which leaves the training pass clean.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class DecoderOnlyTransformer(nn.Module):
         target positions only (`<sep>` predicts y1); with_source: also the source-side loss (a 0-d tensor, see the
         module docstring)."""
         (B, S), T = src.shape, tgt.size(1)
+        if with_source and self.config.source_loss_separate:
+            return self(src, tgt), self._source_loss(*self._source_task(src))
         if with_source:
             src, src_targets = self._source_task(src)
         n = (src != self.config.pad_id).sum(1, keepdim=True)  # (B, 1) source length = position of <sep>
@@ -108,10 +111,21 @@ class DecoderOnlyTransformer(nn.Module):
         if not with_source:
             return logits
         # packed positions j < S hold source token j where j < n; the targets there are pad from n on
-        src_logits = self.lm_head(self.norm(x[:, :S]))  # (B, S, V)
-        total = F.cross_entropy(src_logits.flatten(0, 1), src_targets.flatten(), ignore_index=self.config.pad_id,
+        return logits, self._source_loss(src, src_targets, x[:, :S])
+
+    def _source_loss(self, src: Tensor, targets: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """The mean cross-entropy over the source-side targets (B, S); hidden (B, S, D): the source positions' last
+        block output, or None to run the source alone through the prefix attention."""
+        if hidden is None:
+            src_keep = src != self.config.pad_id
+            hidden, rope = self._embed(src, self._source_positions(src_keep), 0, src.size(1))
+            mask = self._prefix_mask(src_keep)
+            for block in self.blocks:
+                hidden = block(hidden, mask=mask, rope=rope)
+        logits = self.lm_head(self.norm(hidden))  # (B, S, V)
+        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=self.config.pad_id,
                                 reduction="sum")
-        return logits, total / (src_targets != self.config.pad_id).sum().clamp(min=1)  # a batch may mask none
+        return total / (targets != self.config.pad_id).sum().clamp(min=1)  # a batch may mask none
 
     # ---- the decode-step interface (docs/design.md) ------------------------------------------------------------
     def init_state(self, src: Tensor) -> DecodeState:
