@@ -115,3 +115,22 @@ def test_best_of_finds_the_monitored_checkpoint_even_after_a_move(tmp_path):
     torch.save({"translator": {}, "state_dict": {}, "callbacks": {k: v for k, v in callbacks.items() if "None" in k}},
                run / "last.ckpt")
     assert best_of(run / "last.ckpt") == run / "last.ckpt"
+
+
+def test_best_of_finds_a_best_saved_after_last(tmp_path):
+    """last.ckpt is written before its step's validation: when that validation saves a new best (and deletes the old
+    one), last.ckpt names a file that is gone. best_of then takes the newest checkpoint that names itself as best."""
+    import torch
+
+    from translator.checkpoint import best_of
+
+    def save(path, step, best):
+        state = {"monitor": "val/loss", "best_model_path": str(tmp_path / best)}
+        torch.save({"translator": {}, "state_dict": {}, "global_step": step,
+                    "callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": state}}, path)
+
+    save(tmp_path / "last.ckpt", 1000, "best-step=800.ckpt")  # deleted when best-step=1000 was saved
+    save(tmp_path / "best-step=1000.ckpt", 1000, "best-step=1000.ckpt")
+    save(tmp_path / "best-step=600.ckpt", 600, "best-step=600.ckpt")  # an older best (e.g. a copied run's)
+    save(tmp_path / "other.ckpt", 1200, "best-step=1000.ckpt")  # names another file: not a best
+    assert best_of(tmp_path / "last.ckpt") == tmp_path / "best-step=1000.ckpt"

@@ -130,12 +130,26 @@ def average(paths: list[Path], ckpts: list[dict]) -> dict:
 def best_of(last: str | Path) -> Path:
     """The best checkpoint of the run that saved `last` (its last.ckpt): the `best_model_path` of the run's
     ModelCheckpoint that monitors a metric (the recipes' `val/loss`), found where it was saved or beside `last` (a
-    moved run); `last` itself when the run kept none."""
-    for key, state in read(last).get("callbacks", {}).items():
-        if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path"):
-            saved = Path(state["best_model_path"])
-            for path in (saved, Path(last).parent / saved.name):
-                if path.is_file():
-                    return path
-    return Path(last)
+    moved run); `last` itself when the run kept none.
+
+    A periodic last.ckpt is written before the validation of its step, so it can name a best that the step's new best
+    then replaced. The newest checkpoint beside `last` that names itself as its run's best is that new best."""
+    last = Path(last)
+    named = _best_paths(read(last))
+    for saved in named:
+        for path in (saved, last.parent / saved.name):
+            if path.is_file():
+                return path
+    if named:
+        bests = [(read(p)["global_step"], p) for p in sorted(last.parent.glob("*.ckpt"))
+                 if p != last and p.name in {q.name for q in _best_paths(read(p))}]
+        if bests:
+            return max(bests)[1]
+    return last
+
+
+def _best_paths(ckpt: dict) -> list[Path]:
+    """The best_model_path of each ModelCheckpoint state in `ckpt` that monitors a metric."""
+    return [Path(state["best_model_path"]) for key, state in ckpt.get("callbacks", {}).items()
+            if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")]
 
