@@ -266,12 +266,14 @@ def run_peer(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> di
     val_every = val_every if isinstance(val_every, int) else None
     val_batches = tr.limit_val_batches if isinstance(tr.limit_val_batches, int) else None
     budget = None if args.steps else seconds(args.max_time)
+    amp = str(tr.precision) == "bf16-mixed"  # the recipe's precision, as the Trainer resolved it for this CPU
     best, best_loss, step, tokens, train_s = None, math.inf, 0, 0, 0.0
     start = time.perf_counter()
     model.train()
     for batch in dm.train_dataloader():
         src, tgt = batch["src"], batch["tgt"]
-        loss = peer_loss(system, model, src, tgt, smoothing)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = peer_loss(system, model, src, tgt, smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -284,7 +286,8 @@ def run_peer(system: str, args, tokenizer: Path, seed: int, run_dir: Path) -> di
         done = (args.steps and step >= args.steps) or (budget is not None and elapsed >= budget)
         if (val_every and step % val_every == 0) or done:
             train_s = elapsed
-            val_loss = validate_peer(system, model, dm, val_batches)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # as Lightning validates
+                val_loss = validate_peer(system, model, dm, val_batches)
             if val_loss < best_loss:
                 best, best_loss = copy.deepcopy(model.state_dict()), val_loss
             model.train()

@@ -22,7 +22,10 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   few shapes, see docs/benchmarks.md); ``lightning`` / ``lightning-compile`` / ``lightning-graphs`` = the real ``Trainer.fit``
   path (the config's module with ``compile`` False / True / "reduce-overhead", bf16-mixed, gradient clipping,
   ``TrainingClock``) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
-  ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches.
+  ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches. The attention kernel:
+  ``sdpa-auto`` = ours with SDPA's own choice (flash) in training on a CPU, where ours takes the math kernel
+  (`translator.layers.CPU_TRAINING_SDPA`); ``hf-math`` = HF under the math kernel (what that setting does, given to HF).
+* ``--rounds R``: every variant measured R times in ABBA order; each row is the median round.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
 * timing: a CUDA event after each step (host clock on CPU); step time = gap between consecutive events, so host
@@ -44,6 +47,7 @@ message when it is missing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -60,8 +64,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from translator import recipe
+from translator import layers, recipe
 from translator.bench import bf16_autocast, hf_loss, hf_model, machine, write_json
 from translator.cli import TranslatorCLI, build
 from translator.config import TransformerConfig, train_flops
@@ -87,10 +92,12 @@ class Variant:
     item: bool = False
     cuda_only: bool = False
     same_on_cpu: bool = False  # indistinguishable from eager on CPU (no fused AdamW there; no autocast without bf16)
+    attention: str | None = None  # None: as the model does it; "auto": SDPA's own kernel; "math": SDPA's math kernel
 
 
 VARIANTS = {
     "eager": Variant("ours"),
+    "sdpa-auto": Variant("ours", attention="auto"),
     "fp32": Variant("ours", autocast=False),
     "unfused": Variant("ours", fused=False, same_on_cpu=True),
     "item": Variant("ours", item=True),
@@ -101,6 +108,7 @@ VARIANTS = {
     "lightning-graphs": Variant("lightning", compile="reduce-overhead", cuda_only=True),
     "hf": Variant("hf"),
     "hf-fp32": Variant("hf", autocast=False),
+    "hf-math": Variant("hf", attention="math"),
     "hf-compile": Variant("hf", compile="default"),
 }
 DEFAULT_VARIANTS = ["eager", "fp32", "unfused", "item", "compile", "reduce-overhead", "lightning", "hf"]
@@ -187,6 +195,22 @@ def make_optimizer(module: TranslationModule, model: nn.Module, total_steps: int
     hp = module.hparams
     optimizer = recipe.adamw(model, hp.lr, hp.weight_decay, fused=fused, foreach=foreach)
     return optimizer, recipe.lr_schedule(optimizer, hp.schedule, hp.warmup_steps, total_steps)
+
+
+@contextlib.contextmanager
+def attention_kernel(choice: str | None):
+    """The SDPA kernel of a variant: None leaves each model's own choice (ours: the math kernel for training on a
+    CPU, `translator.layers.CPU_TRAINING_SDPA`); "auto" lets SDPA choose for ours too (as before that setting);
+    "math" forces the math kernel on every model (HF included)."""
+    if choice is None:
+        yield
+        return
+    saved, layers.CPU_TRAINING_SDPA = layers.CPU_TRAINING_SDPA, None
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if choice == "math" else contextlib.nullcontext():
+            yield
+    finally:
+        layers.CPU_TRAINING_SDPA = saved
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
@@ -358,8 +382,9 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
         cuda = device.type == "cuda"  # as configure_optimizers: fused on CUDA; on CPU torch's default (per tensor)
         optimizer, schedule = make_optimizer(module, model, warmup + args.steps, fused=v.fused and cuda,
                                              foreach=True if cuda and not v.fused else None)
-        times = bare_loop(model, step_loss, optimizer, schedule, cli.trainer.gradient_clip_val, batches,
-                          warmup + args.steps, v, device)
+        with attention_kernel(v.attention):
+            times = bare_loop(model, step_loss, optimizer, schedule, cli.trainer.gradient_clip_val, batches,
+                              warmup + args.steps, v, device)
         n_params = sum(p.numel() for p in model.parameters())
         del model, step_loss, optimizer
     del cli, module
@@ -381,6 +406,22 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
     }
     log.info("%s %s %d: %.0f tok/s, %.1f ms/step", arch, name, size, row["tok_per_s"], row["step_ms"])
     return row
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (arch, size, variant): with --rounds > 1, the median round's tok/s and step time, every round's
+    tok/s kept in `rounds_tok_per_s` (a noisy shared CPU drifts over minutes; rounds in ABBA order cancel a drift)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["max_tokens"], r["variant"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        row = dict(group[0], rounds_tok_per_s=[r["tok_per_s"] for r in group])
+        for key in ("tok_per_s", "step_ms", "achieved_tflops"):
+            row[key] = statistics.median(r[key] for r in group)
+        row["mfu"] = None if row["mfu"] is None else statistics.median(r["mfu"] for r in group)
+        merged.append(row)
+    return merged
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -445,6 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="token budgets (max_tokens, padded src + tgt per batch); 8192 is the recipe's")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every variant this many times, in ABBA order, and report the median round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiled variants add 3 per shape)")
     p.add_argument("--batches", type=int, default=8, help="distinct real batches per size, cycled")
     p.add_argument("--preset", default="base", help="model size preset (tiny/small/base)")
@@ -458,8 +501,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batches < 1:
-        p.error("need --steps >= 1, --warmup >= 0, --batches >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.batches < 1 or args.rounds < 1:
+        p.error("need --steps >= 1, --warmup >= 0, --batches >= 1, --rounds >= 1")
     return args
 
 
@@ -512,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                     sdpa[arch][impl] = sdpa_dispatch(step_loss, batches[0], device)
                     del model, step_loss
                 del module
-            for name in variants:
+            for name in itertools.chain.from_iterable(variants[::-1] if r % 2 else variants
+                                                      for r in range(args.rounds)):  # ABBA order over rounds
                 try:
                     rows.append(measure(config, arch, name, size, args, batches, dm.tokenizer, device))
                 except Exception as err:  # one failing variant (OOM, compile error) must not end the sweep
@@ -521,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"})
                     free_memory(device)
 
+    rows = merge_rounds(rows)
     table, ratio_entries = markdown(rows), ratios(rows)
     print(f"\n## Training throughput ({machine(device).get('gpu', 'CPU')}, preset {args.preset})\n")
     print(table)

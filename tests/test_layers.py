@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ENV, REPO, read_pairs
 
+from translator import layers
 from translator.cache import KVCache, causal_mask
 from translator.config import Seq2SeqConfig
 from translator.layers import Attention, Positions, apply_rope, rope_cos_sin, sinusoidal
@@ -257,6 +258,44 @@ def test_self_attention_with_rope_matches_reference():
     cos, sin = rope_cos_sin(pos, 16)
     out = attn(x, rope=(cos[None, None], sin[None, None]))
     torch.testing.assert_close(out, reference_attention(attn, x, x, rope_pos=pos), rtol=0, atol=1e-12)
+
+
+def sdpa_ops(fn) -> set[str]:
+    """The aten SDPA kernels that fn() runs (forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_training_attention_takes_the_math_kernel_as_accurately(dtype, monkeypatch):
+    """On a CPU, attention under autograd runs SDPA's math kernel (its backward is the faster one there); inference
+    keeps SDPA's own choice, the flash kernel. Against a float64 reference, output and gradients are as accurate as
+    the flash kernel's."""
+    reference = make_attention()  # float64
+    x = torch.randn(4, 11, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    mask = key_padding([11, 7, 3, 1], 11)
+
+    def train_step(attn):
+        attn.zero_grad()
+        xx = x.to(attn.out.weight.dtype).detach().requires_grad_()
+        out = attn(xx, mask=mask)
+        (out.double() * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        return [t.double() for t in (out, xx.grad, *(p.grad for p in attn.parameters()))]
+
+    attn = make_attention().to(dtype)
+    ops = sdpa_ops(lambda: train_step(attn))
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not any("flash" in op for op in ops), ops
+    with torch.no_grad():
+        assert any("flash" in op for op in sdpa_ops(lambda: attn(x.to(dtype), mask=mask)))
+    truth, ours = train_step(reference), train_step(attn)
+    monkeypatch.setattr(layers, "CPU_TRAINING_SDPA", None)  # SDPA's own choice, for comparison
+    assert any("flash" in op for op in sdpa_ops(lambda: train_step(attn)))
+    flash = train_step(attn)
+    for t, a, b in zip(truth, ours, flash, strict=True):
+        error, flash_error = ((a - t).norm() / t.norm()).item(), ((b - t).norm() / t.norm()).item()
+        assert error <= 1.5 * flash_error + 1e-6, (error, flash_error)
 
 
 def test_cross_attention_cached_equals_uncached():

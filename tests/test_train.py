@@ -528,3 +528,16 @@ def test_ddp_fit_on_two_cpu_processes_syncs_validation_metrics(tokenizer_file, t
     assert synced["val/bleu"] == pytest.approx(single["val/bleu"], rel=1e-6, abs=1e-9)
     assert synced["val/chrf"] == pytest.approx(single["val/chrf"], rel=1e-6, abs=1e-9)
     assert single["val/chrf"] > 0  # hypotheses share character n-grams with the references: a real check
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quickstart_trains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(native, tokenizer_file, monkeypatch, caplog):
+    """configs/quickstart.yaml asks for bf16-mixed; on a CPU without avx512_bf16 or AMX (emulated bf16, slower than
+    float32) the CLI trains in 32-true and says so."""
+    from translator import quantize
+    from translator.cli import build
+
+    monkeypatch.setattr(quantize, "bf16_supported", lambda: native)
+    cli = build(["--config", str(REPO / "configs" / "quickstart.yaml"), *data_args(tokenizer_file)])
+    assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert ("no bf16 arithmetic" in caplog.text) is not native
