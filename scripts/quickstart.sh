@@ -17,6 +17,7 @@ translator fit --config configs/quickstart.yaml --data.path "$data" "${splits[@]
 # the weights of the best validation loss (the recipe's ModelCheckpoint), not the last ones: at this budget a few
 # dozen steps can move test BLEU by 3 points (docs/results.md)
 best=$(python -c 'from translator.checkpoint import best_of; print(best_of("checkpoints/quickstart/last.ckpt"))')
-translator test --config configs/quickstart.yaml --data.path "$data" "${splits[@]}" --ckpt_path "$best" --trainer.logger false
+translator test --config configs/quickstart.yaml --data.path "$data" "${splits[@]}" --ckpt_path "$best" --trainer.logger false \
+  --trainer.precision 32-true  # decode in float32, as scripts/translate.py does
 python scripts/translate.py --checkpoint "$best" --beam 5 \
   "Ein Mann mit einem roten Hut fährt Fahrrad." "Zwei Hunde spielen im Schnee."
