@@ -22,9 +22,9 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   few shapes, see docs/benchmarks.md); ``lightning`` / ``lightning-compile`` / ``lightning-graphs`` = the real ``Trainer.fit``
   path (the config's module with ``compile`` False / True / "reduce-overhead", bf16-mixed, gradient clipping,
   ``TrainingClock``) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
-  ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches. The attention kernel:
-  ``sdpa-auto`` = ours with SDPA's own choice (flash) in training on a CPU, where ours takes the math kernel
-  (`translator.layers.CPU_TRAINING_SDPA`); ``hf-math`` = HF under the math kernel (what that setting does, given to HF).
+  ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches. The attention kernel
+  (CPU only): ``sdpa-auto`` = ours on SDPA's own choice (flash), where ours trains on the math kernel on a CPU
+  (`translator.recipe.training_attention`); ``hf-math`` = HF on the math kernel, the same choice given to HF.
 * ``--rounds R``: every variant measured R times in ABBA order; each row is the median round.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
@@ -47,7 +47,6 @@ message when it is missing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
@@ -66,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from translator import layers, recipe
+from translator import recipe
 from translator.bench import bf16_autocast, hf_loss, hf_model, machine, write_json
 from translator.cli import TranslatorCLI, build
 from translator.config import TransformerConfig, train_flops
@@ -91,13 +90,14 @@ class Variant:
     compile: str | None = None  # None | default | reduce-overhead
     item: bool = False
     cuda_only: bool = False
+    cpu_only: bool = False  # a CPU matter: on CUDA the same as eager (sdpa-auto) or not what ours does (hf-math)
     same_on_cpu: bool = False  # indistinguishable from eager on CPU (no fused AdamW there; no autocast without bf16)
-    attention: str | None = None  # None: as the model does it; "auto": SDPA's own kernel; "math": SDPA's math kernel
+    attention: str | None = None  # None: as each runs; "auto": ours on SDPA's own kernel; "math": HF on the math one
 
 
 VARIANTS = {
     "eager": Variant("ours"),
-    "sdpa-auto": Variant("ours", attention="auto"),
+    "sdpa-auto": Variant("ours", attention="auto", cpu_only=True),
     "fp32": Variant("ours", autocast=False),
     "unfused": Variant("ours", fused=False, same_on_cpu=True),
     "item": Variant("ours", item=True),
@@ -108,7 +108,7 @@ VARIANTS = {
     "lightning-graphs": Variant("lightning", compile="reduce-overhead", cuda_only=True),
     "hf": Variant("hf"),
     "hf-fp32": Variant("hf", autocast=False),
-    "hf-math": Variant("hf", attention="math"),
+    "hf-math": Variant("hf", attention="math", cpu_only=True),
     "hf-compile": Variant("hf", compile="default"),
 }
 DEFAULT_VARIANTS = ["eager", "fp32", "unfused", "item", "compile", "reduce-overhead", "lightning", "hf"]
@@ -181,10 +181,23 @@ FLOPS_FORMULA = (
 # ---- losses and the optimiser --------------------------------------------------------------------------------------
 
 
-def loss_fn(impl: str, arch: str, model: nn.Module, label_smoothing: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """(src, tgt) -> the recipe's loss (label-smoothed cross-entropy over the non-pad target tokens), ours or HF's."""
+def loss_fn(impl: str, arch: str, model: nn.Module, label_smoothing: float,
+            attention: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """(src, tgt) -> the recipe's loss (label-smoothed cross-entropy over the non-pad target tokens), ours or HF's.
+    attention: None, each as it runs (ours under `recipe.training_attention`, HF under SDPA's own choice); "auto":
+    ours under SDPA's own choice too; "math": HF under SDPA's math kernel, what `training_attention` picks on a CPU."""
     if impl == "hf":
-        return hf_loss(arch, model, label_smoothing)
+        loss = hf_loss(arch, model, label_smoothing)
+        if attention != "math":
+            return loss
+
+        def math_loss(src: Tensor, tgt: Tensor) -> Tensor:
+            with sdpa_kernel(SDPBackend.MATH):
+                return loss(src, tgt)
+
+        return math_loss
+    if attention == "auto":
+        return lambda src, tgt: recipe.target_loss(model(src, tgt[:, :-1]), tgt, label_smoothing)
     return lambda src, tgt: recipe.token_loss(model, src, tgt, label_smoothing)[0]
 
 
@@ -195,22 +208,6 @@ def make_optimizer(module: TranslationModule, model: nn.Module, total_steps: int
     hp = module.hparams
     optimizer = recipe.adamw(model, hp.lr, hp.weight_decay, fused=fused, foreach=foreach)
     return optimizer, recipe.lr_schedule(optimizer, hp.schedule, hp.warmup_steps, total_steps)
-
-
-@contextlib.contextmanager
-def attention_kernel(choice: str | None):
-    """The SDPA kernel of a variant: None leaves each model's own choice (ours: the math kernel for training on a
-    CPU, `translator.layers.CPU_TRAINING_SDPA`); "auto" lets SDPA choose for ours too (as before that setting);
-    "math" forces the math kernel on every model (HF included)."""
-    if choice is None:
-        yield
-        return
-    saved, layers.CPU_TRAINING_SDPA = layers.CPU_TRAINING_SDPA, None
-    try:
-        with sdpa_kernel(SDPBackend.MATH) if choice == "math" else contextlib.nullcontext():
-            yield
-    finally:
-        layers.CPU_TRAINING_SDPA = saved
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
@@ -376,15 +373,14 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
     else:
         torch.manual_seed(args.seed)
         model = (module.model if v.impl == "ours" else hf_model(arch, cfg, args.hf_attn)).to(device)
-        step_loss = loss_fn(v.impl, arch, model, module.hparams.label_smoothing)
+        step_loss = loss_fn(v.impl, arch, model, module.hparams.label_smoothing, v.attention)
         if v.compile:  # forward and loss, compiled together as the module does
             step_loss = recipe.compiled(v.compile, step_loss)
         cuda = device.type == "cuda"  # as configure_optimizers: fused on CUDA; on CPU torch's default (per tensor)
         optimizer, schedule = make_optimizer(module, model, warmup + args.steps, fused=v.fused and cuda,
                                              foreach=True if cuda and not v.fused else None)
-        with attention_kernel(v.attention):
-            times = bare_loop(model, step_loss, optimizer, schedule, cli.trainer.gradient_clip_val, batches,
-                              warmup + args.steps, v, device)
+        times = bare_loop(model, step_loss, optimizer, schedule, cli.trainer.gradient_clip_val, batches,
+                          warmup + args.steps, v, device)
         n_params = sum(p.numel() for p in model.parameters())
         del model, step_loss, optimizer
     del cli, module
@@ -409,18 +405,17 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
 
 
 def merge_rounds(rows: list[dict]) -> list[dict]:
-    """One row per (arch, size, variant): with --rounds > 1, the median round's tok/s and step time, every round's
-    tok/s kept in `rounds_tok_per_s` (a noisy shared CPU drifts over minutes; rounds in ABBA order cancel a drift)."""
+    """One row per (arch, size, variant): with --rounds > 1, the row of its median round by tok/s (the lower middle
+    one for an even count), every round's tok/s kept in `rounds_tok_per_s` (a shared CPU drifts over minutes; rounds
+    in ABBA order cancel a drift)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["arch"], r["max_tokens"], r["variant"]), []).append(r)
     merged = []
     for group in groups.values():
-        row = dict(group[0], rounds_tok_per_s=[r["tok_per_s"] for r in group])
-        for key in ("tok_per_s", "step_ms", "achieved_tflops"):
-            row[key] = statistics.median(r[key] for r in group)
-        row["mfu"] = None if row["mfu"] is None else statistics.median(r["mfu"] for r in group)
-        merged.append(row)
+        middle = statistics.median_low(r["tok_per_s"] for r in group)
+        row = next(r for r in group if r["tok_per_s"] == middle)
+        merged.append(dict(row, rounds_tok_per_s=[r["tok_per_s"] for r in group]))
     return merged
 
 
@@ -487,7 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=1,
-                   help="measure every variant this many times, in ABBA order, and report the median round")
+                   help="measure every variant this many times, in ABBA order; each row is its median round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiled variants add 3 per shape)")
     p.add_argument("--batches", type=int, default=8, help="distinct real batches per size, cycled")
     p.add_argument("--preset", default="base", help="model size preset (tiny/small/base)")
@@ -517,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         # without bf16 arithmetic a CPU runs eager in fp32: the fp32 rows would repeat it
         if device.type != "cuda" and (v.cuda_only or v.same_on_cpu or not (v.autocast or bf16_autocast(device))):
             log.warning("skipping %s on %s (%s)", name, device, "needs CUDA" if v.cuda_only else "same as eager here")
+        elif device.type == "cuda" and v.cpu_only:
+            log.warning("skipping %s on CUDA (a CPU variant: SDPA's kernel choice in CPU training)", name)
         elif device.type != "cuda" and name in COMPILED_ON_CPU_ONLY_IF_ASKED and args.variants == DEFAULT_VARIANTS:
             log.warning("skipping %s on CPU by default (slow to compile); name it in --variants to run it", name)
         else:

@@ -126,11 +126,11 @@ for seed in $seeds; do
       (cd "$run" && "${cmd[@]}" >> fit.log 2>&1) || die "training $name failed; see $run/fit.log"
       touch "$run/done"
     fi
-    # the newest best*.ckpt: the recipe keeps one (save_top_k 1) and writes it on every improvement, so the newest
-    # also wins over a best copied along with a run that then continued elsewhere
-    best=$(ls -t "$run"/checkpoints/run/best*.ckpt 2> /dev/null | head -1)
-    [ -n "$best" ] || best=$run/checkpoints/run/last.ckpt
-    [ -e "$best" ] || die "$run has no checkpoint; see $run/fit.log"
+    # the best checkpoint by val/loss, also of a run copied from another study and continued (translator.checkpoint)
+    last=$run/checkpoints/run/last.ckpt
+    [ -e "$last" ] || die "$run has no checkpoint; see $run/fit.log"
+    best=$(python3 -c 'import sys; from translator.checkpoint import best_of; print(best_of(sys.argv[1]))' "$last") ||
+      die "$run: no best checkpoint (see the error above)"
     checkpoints+=("$best") names+=("$name")
   done
 done

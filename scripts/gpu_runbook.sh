@@ -65,7 +65,9 @@ part_train() {
 part_decode() {
   local ckpts=()
   for run in encdec prefix; do  # the train part's checkpoints
-    for f in "$OUT"/compare/runs/$run-seed0/checkpoints/run/best*.ckpt; do [ -e "$f" ] && ckpts+=("$f"); done
+    local last=$OUT/compare/runs/$run-seed0/checkpoints/run/last.ckpt
+    [ -e "$last" ] && ckpts+=("$(python3 -c 'import sys; from translator.checkpoint import best_of
+print(best_of(sys.argv[1]))' "$last")")
   done
   run 300 bench_decode python3 scripts/bench_decode.py --beams 1 5 --static no yes --json "$OUT/bench_decode.json" \
     ${ckpts[@]+--checkpoint "${ckpts[@]}"}

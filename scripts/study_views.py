@@ -31,10 +31,10 @@ RUN = re.compile(r"^(?P<arm>.+)-seed(?P<seed>\d+)$")
 
 
 def best(run: Path) -> Path:
-    found = sorted((run / "checkpoints" / "run").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"study_views.py: error: {run} has no checkpoints/run/best*.ckpt (not a finished run?)")
-    return found[-1]
+    last = run / "checkpoints" / "run" / "last.ckpt"
+    if not last.is_file():
+        raise SystemExit(f"study_views.py: error: {run} has no checkpoints/run/last.ckpt (not a finished run?)")
+    return checkpoint.best_of(last)
 
 
 def at(log, metric: str, step: float) -> float:

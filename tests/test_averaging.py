@@ -104,13 +104,14 @@ def test_best_of_finds_the_monitored_checkpoint_even_after_a_move(tmp_path):
 
     run = tmp_path / "moved"
     run.mkdir()
-    (run / "epoch=0-step=1000.ckpt").write_bytes(b"")  # only its existence matters here
     callbacks = {
         "ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": ""},
         "ModelCheckpoint{'monitor': 'val/loss'}": {"monitor": "val/loss",
                                                    "best_model_path": "/elsewhere/epoch=0-step=1000.ckpt"},
     }
-    torch.save({"translator": {}, "state_dict": {}, "callbacks": callbacks}, run / "last.ckpt")
+    torch.save({"translator": {}, "state_dict": {}, "global_step": 1000, "callbacks": callbacks},
+               run / "epoch=0-step=1000.ckpt")
+    torch.save({"translator": {}, "state_dict": {}, "global_step": 1000, "callbacks": callbacks}, run / "last.ckpt")
     assert best_of(run / "last.ckpt") == run / "epoch=0-step=1000.ckpt"
     torch.save({"translator": {}, "state_dict": {}, "callbacks": {k: v for k, v in callbacks.items() if "None" in k}},
                run / "last.ckpt")
@@ -134,3 +135,38 @@ def test_best_of_finds_a_best_saved_after_last(tmp_path):
     save(tmp_path / "best-step=600.ckpt", 600, "best-step=600.ckpt")  # an older best (e.g. a copied run's)
     save(tmp_path / "other.ckpt", 1200, "best-step=1000.ckpt")  # names another file: not a best
     assert best_of(tmp_path / "last.ckpt") == tmp_path / "best-step=1000.ckpt"
+
+
+def test_best_of_a_copied_run_that_continued_is_its_best_scored_checkpoint(tmp_path, caplog):
+    """A run copied to another folder and continued: its periodic last.ckpt of step 1400, written before that step's
+    validation, still names the original folder's best of step 1000, a file that exists there. Resumed in another
+    folder, Lightning forgot the old scores and saved step 1200 as a "best" though it was worse. The best is the
+    checkpoint beside last.ckpt with the best score of those that name themselves: step 1400, else the copied 1000.
+    A checkpoint that cannot be read is skipped, and the warning names it; a best saved in another folder only is
+    found there."""
+    import torch
+
+    from translator.checkpoint import best_of
+
+    def save(path, step, best, score=None):
+        state = {"monitor": "val/loss", "best_model_path": str(best),
+                 "best_model_score": None if score is None else torch.tensor(score)}
+        key = "ModelCheckpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0}"
+        torch.save({"translator": {}, "state_dict": {}, "global_step": step, "callbacks": {key: state}}, path)
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir(), copy.mkdir()
+    save(original / "best-step=1000.ckpt", 1000, original / "best-step=1000.ckpt", 2.0)
+    save(copy / "best-step=1000.ckpt", 1000, original / "best-step=1000.ckpt", 2.0)  # copied: names the original
+    save(copy / "best-step=1200.ckpt", 1200, copy / "best-step=1200.ckpt", 2.1)  # the forced first "best"
+    save(copy / "last.ckpt", 1400, copy / "best-step=1200.ckpt", 2.1)
+    save(copy / "best-step=1400.ckpt", 1400, copy / "best-step=1400.ckpt", 1.9)
+    (copy / "partial.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    assert best_of(copy / "last.ckpt") == copy / "best-step=1400.ckpt"
+    assert "partial.ckpt" in caplog.text
+    (copy / "best-step=1400.ckpt").unlink()
+    assert best_of(copy / "last.ckpt") == copy / "best-step=1000.ckpt"
+    for path in copy.glob("best-*.ckpt"):
+        path.unlink()
+    save(copy / "last.ckpt", 1400, original / "best-step=1000.ckpt", 2.0)  # its best only in the original folder
+    assert best_of(copy / "last.ckpt") == original / "best-step=1000.ckpt"

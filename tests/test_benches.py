@@ -52,17 +52,57 @@ def test_bench_train_runs_the_configs(tokenizer_file, tmp_path, monkeypatch, cap
     bench = load_script("bench_train")
     out = tmp_path / "train.json"
     assert bench.main(["--device", "cpu", "--preset", "tiny", "--tokens", "1024", "--steps", "2", "--warmup", "1",
-                       "--batches", "2", "--variants", "eager", "lightning", "--no-sdpa-report",
-                       "--data", str(MULTI30K),
+                       "--batches", "2", "--variants", "eager", "sdpa-auto", "lightning", "--no-sdpa-report",
+                       "--rounds", "2", "--data", str(MULTI30K),
                        "--tokenizer", tokenizer_file, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["arch"], r["variant"]) for r in result["results"]] == [
-        ("seq2seq", "eager"), ("seq2seq", "lightning"), ("decoder_only", "eager"), ("decoder_only", "lightning")]
+        (arch, variant) for arch in ("seq2seq", "decoder_only") for variant in ("eager", "sdpa-auto", "lightning")]
     assert not result["failures"] and all(r["tok_per_s"] > 0 and r["steps_timed"] == 2 for r in result["results"])
+    for r in result["results"]:  # two rounds each, the row the lower one's
+        assert len(r["rounds_tok_per_s"]) == 2 and r["tok_per_s"] == min(r["rounds_tok_per_s"])
     # the configs' models at the tiny preset: the same parameters in the bare loop and under Lightning
     params = {(r["arch"], r["variant"]): r["params"] for r in result["results"]}
     assert params["seq2seq", "eager"] == params["seq2seq", "lightning"] == Seq2SeqModule(
         preset="tiny", vocab_size=1000).model.num_parameters()
+
+
+@pytest.mark.parametrize("impl, attention, kernel", [
+    ("ours", None, "math"), ("ours", "auto", "flash"), ("hf", None, "flash"), ("hf", "math", "math")])
+def test_bench_train_attention_variants_choose_the_kernel(impl, attention, kernel):
+    """On a CPU ours trains on SDPA's math kernel (`recipe.training_attention`), HF on SDPA's own choice (flash);
+    `sdpa-auto` gives ours SDPA's choice, `hf-math` gives HF the math kernel."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from translator.bench import hf_model
+
+    bench = load_script("bench_train")
+    module = Seq2SeqModule(preset="tiny", vocab_size=100)
+    model = module.model if impl == "ours" else hf_model("seq2seq", module.config)
+    loss = bench.loss_fn(impl, "seq2seq", model, 0.1, attention)
+    src, tgt = torch.randint(4, 100, (3, 7)), torch.randint(4, 100, (3, 6))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss(src, tgt).backward()
+    ops = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    assert ("aten::_scaled_dot_product_attention_math" in ops) is (kernel == "math")
+    assert any("flash" in op for op in ops) is (kernel == "flash"), ops
+
+
+def test_bench_attention_times_both_kernels_and_checks_them_against_float64(tmp_path, monkeypatch, capsys):
+    bench = load_script("bench_attention")
+    monkeypatch.setattr(bench, "SHAPES", [(2, 2, 5, 5, "causal"), (4, 2, 3, 8, "padding"), (6, 2, 1, 7, "padding")])
+    out = tmp_path / "attention.json"
+    assert bench.main(["--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"][2], r["dtype"], r["kernel"]) for r in rows] == [
+        (L, d, k) for L in (5, 3, 1) for d in ("fp32", "bf16") for k in ("flash", "math")]
+    for r in rows:
+        train = r["shape"][2] > 1  # a decode step is timed without autograd only
+        assert "error" not in r and ("train_ms" in r) is train and r["infer_ms"] > 0
+        assert len(r["rel_error"]) == (4 if train else 1)
+        assert max(r["rel_error"]) < (1e-5 if r["dtype"] == "fp32" else 0.02), r
+    assert "| 2 x 2 x 5 x 5 | causal | bf16 | math |" in capsys.readouterr().out
 
 
 def test_time_to_bleu_builds_the_recipe_with_fit_arguments(tokenizer_file, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from translator.config import DecoderOnlyConfig, Seq2SeqConfig
 from translator.decoder_only import DecoderOnlyTransformer
+from translator.recipe import training_attention
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -261,14 +262,15 @@ def test_every_parameter_gets_a_gradient(case):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_forward_backward(arch):
-    """The CPU training path in bf16 autocast (attention on SDPA's math kernel, `layers.CPU_TRAINING_SDPA`): finite
-    loss and gradients, the float32 loss within bf16's rounding, gradients pointing the same way."""
-    model = build(arch, "rope", dtype=torch.float32).eval()  # no dropout: the two passes see the same network
+    """bf16 autocast on a CPU, with attention on the kernel that training takes there (`recipe.training_attention`):
+    finite loss and gradients, the float32 loss within bf16's rounding, gradients pointing the same way. In eval mode:
+    no dropout, so that both passes see the same network."""
+    model = build(arch, "rope", dtype=torch.float32).eval()
     src, tgt = random_batch([6, 3], [5, 2], seed=6)
     grads = {}
     for amp in (False, True):
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), training_attention(src.device):
             logits = model(src, tgt[:, :-1])
         loss = token_loss(logits, tgt)
         loss.backward()

@@ -541,3 +541,21 @@ def test_quickstart_trains_in_bf16_only_on_a_cpu_with_bf16_arithmetic(native, to
     cli = build(["--config", str(REPO / "configs" / "quickstart.yaml"), *data_args(tokenizer_file)])
     assert cli.trainer.precision == ("bf16-mixed" if native else "32-true")
     assert ("no bf16 arithmetic" in caplog.text) is not native
+
+
+@pytest.mark.parametrize("accelerator, cuda, precision, expected", [
+    ("cpu", True, "bf16-mixed", "32-true"), ("auto", False, "bf16", "32-true"), ("auto", True, "bf16-mixed", None),
+    ("gpu", False, "bf16-mixed", None), ("cpu", False, "32-true", None), ("cpu", False, "bf16-true", None)])
+def test_bf16_mixed_on_a_cpu_without_bf16_arithmetic_runs_in_float32(accelerator, cuda, precision, expected,
+                                                                   monkeypatch):
+    """Only a CPU run (named, or `auto` without a GPU) that asks for bf16 autocast is switched; an explicit bf16-true
+    and any GPU run are left alone."""
+    from jsonargparse import Namespace
+
+    from translator import cli, quantize
+
+    monkeypatch.setattr(quantize, "bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    trainer = Namespace(accelerator=accelerator, precision=precision)
+    cli._cpu_precision(trainer)
+    assert trainer.precision == (expected or precision)

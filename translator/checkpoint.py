@@ -4,6 +4,8 @@ one registry of architectures, `ARCHS` (name -> config and model class), which `
 from __future__ import annotations
 
 import codecs
+import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from translator.config import DecoderOnlyConfig, Seq2SeqConfig, TransformerConfi
 from translator.decoder_only import DecoderOnlyTransformer
 from translator.seq2seq import Seq2SeqTransformer
 from translator.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 ARCHS: dict[str, tuple[type[TransformerConfig], type[nn.Module]]] = {
     "seq2seq": (Seq2SeqConfig, Seq2SeqTransformer),
@@ -26,14 +30,15 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe or not a translator checkpoint."""
 
 
-def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The raw checkpoint dict, loaded with weights_only=True; clear errors for every way it can fail."""
+def read(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The raw checkpoint dict, loaded with weights_only=True; clear errors for every way it can fail. mmap: map the
+    tensors from the file instead of reading them (cheap when only the metadata is wanted)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     _check_format(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):  # not a pickle at all: text, garbage, a truncated file
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?)") from None
@@ -128,28 +133,48 @@ def average(paths: list[Path], ckpts: list[dict]) -> dict:
 
 
 def best_of(last: str | Path) -> Path:
-    """The best checkpoint of the run that saved `last` (its last.ckpt): the `best_model_path` of the run's
-    ModelCheckpoint that monitors a metric (the recipes' `val/loss`), found where it was saved or beside `last` (a
-    moved run); `last` itself when the run kept none.
+    """The best checkpoint of the run that saved `last` (its last.ckpt), by the run's ModelCheckpoint that monitors a
+    metric (the recipes' `val/loss`); `last` itself when the run kept none.
 
-    A periodic last.ckpt is written before the validation of its step, so it can name a best that the step's new best
-    then replaced. The newest checkpoint beside `last` that names itself as its run's best is that new best."""
+    Of the checkpoints beside `last` that name themselves as their run's best, the one with the best score (each holds
+    its own), the newest among equals. The path that `last` names is not enough: a periodic last.ckpt is written before
+    its step's validation, which may replace that best; a run copied elsewhere and continued names the original
+    folder's files; and Lightning, resuming in another folder, forgets the old scores, so the copy's first new "best"
+    may be worse than the copied one. Failing that (the best was saved in another folder), the named best, beside
+    `last` or where it was saved. A checkpoint that cannot be read is skipped, with a warning."""
     last = Path(last)
     named = _best_paths(read(last))
+    if not named:
+        return last
+    own = []
+    for path in sorted(last.parent.glob("*.ckpt")):
+        if path == last:
+            continue
+        try:
+            ckpt = read(path, mmap=True)
+        except CheckpointError as err:
+            log.warning("best_of: skipping %s", err)
+            continue
+        for key, state in _monitoring(ckpt):
+            if Path(state["best_model_path"]).name == path.name:
+                score = state.get("best_model_score")
+                score = math.inf if score is None else float(score) * (-1 if "'mode': 'max'" in key else 1)
+                own.append((score, -ckpt.get("global_step", 0), path))
+    if own:
+        return min(own)[2]
     for saved in named:
-        for path in (saved, last.parent / saved.name):
+        for path in (last.parent / saved.name, saved):
             if path.is_file():
                 return path
-    if named:
-        bests = [(read(p)["global_step"], p) for p in sorted(last.parent.glob("*.ckpt"))
-                 if p != last and p.name in {q.name for q in _best_paths(read(p))}]
-        if bests:
-            return max(bests)[1]
     return last
+
+
+def _monitoring(ckpt: dict) -> list[tuple[str, dict]]:
+    """(state key, state) of each ModelCheckpoint in `ckpt` that monitors a metric and has saved a best."""
+    return [(key, state) for key, state in ckpt.get("callbacks", {}).items()
+            if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")]
 
 
 def _best_paths(ckpt: dict) -> list[Path]:
     """The best_model_path of each ModelCheckpoint state in `ckpt` that monitors a metric."""
-    return [Path(state["best_model_path"]) for key, state in ckpt.get("callbacks", {}).items()
-            if key.startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path")]
-
+    return [Path(state["best_model_path"]) for _, state in _monitoring(ckpt)]

@@ -167,14 +167,17 @@ class TranslatorCLI(LightningCLI):
 
 
 def _cpu_precision(trainer: Any) -> None:
-    """A CPU run asked for bf16-mixed (configs/quickstart.yaml does: with native bf16 arithmetic it trains 1.3x
+    """A CPU run that asks for bf16-mixed (configs/quickstart.yaml does: with native bf16 arithmetic it trains 1.3x
     faster, docs/results.md) on a CPU without avx512_bf16 or AMX, where torch would emulate bf16, slower than
-    float32: train in 32-true there, and say so."""
+    float32: run in 32-true there, and say so. `trainer`: the parsed trainer arguments."""
+    if str(trainer.get("precision")) not in ("bf16-mixed", "bf16"):  # "bf16": Lightning's alias of bf16-mixed
+        return
     accelerator = trainer.get("accelerator")
-    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
-    if str(trainer.get("precision")) == "bf16-mixed" and on_cpu and not quantize.bf16_supported():
-        log.warning("--trainer.precision bf16-mixed: this CPU has no bf16 arithmetic (avx512_bf16 or AMX), where "
-                    "bf16 would be emulated and slower than float32; training in 32-true")
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if on_cpu and not quantize.bf16_supported():
+        log.warning("--trainer.precision %s: this CPU has no bf16 arithmetic (avx512_bf16 or AMX), where bf16 "
+                    "would be emulated and slower than float32; running in 32-true", trainer.get("precision"))
         trainer.precision = "32-true"
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from translator.cache import KVCache, LayerCache
 from translator.config import TransformerConfig
@@ -92,12 +90,6 @@ class Positions(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# The SDPA kernel that training (autograd on) uses on a CPU; None: SDPA's own choice, the flash kernel. Its backward is
-# 3-4x slower than the math kernel's in bf16 at our lengths, 1.2x in fp32; its forward is faster, so inference keeps
-# it (docs/benchmarks.md, "Attention kernels on a CPU"). scripts/bench_train.py's `sdpa-auto` variant sets it to None.
-CPU_TRAINING_SDPA: SDPBackend | None = SDPBackend.MATH
-
-
 class Attention(nn.Module):
     """Multi-head attention over SDPA, built for one role; `forward(x, y=None)` as in torchtune.
 
@@ -163,11 +155,9 @@ class Attention(nn.Module):
         (B, Lq, D)."""
         B, Lq, D = x.shape
         q, k, v = self.project(x, y, rope=rope, cache=cache)
-        backend = CPU_TRAINING_SDPA if q.device.type == "cpu" and q.requires_grad else None
-        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-            )  # (B, nh, Lq, hs)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, Lq, hs)
         return self.out(out.transpose(1, 2).reshape(B, Lq, D))
 
 

@@ -1,4 +1,5 @@
-"""The training recipe in one place: the loss, AdamW with its weight-decay groups, and the learning-rate schedule.
+"""The training recipe in one place: the loss (and the attention kernel it trains with), AdamW with its weight-decay
+groups, and the learning-rate schedule.
 
 `TranslationModule` trains with these functions, and the benchmarks (scripts/bench_train.py, bench_quality.py) call
 the same ones, for our models and for the Hugging Face peers alike, so that a change of the recipe reaches them all.
@@ -6,11 +7,14 @@ the same ones, for our models and for the Hugging Face peers alike, so that a ch
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from translator.tokenizer import PAD_ID
 
@@ -25,17 +29,29 @@ def target_loss(logits: Tensor, tgt: Tensor, label_smoothing: float, tokens: Ten
     return loss if tokens is None else loss / tokens
 
 
+def training_attention(device: torch.device) -> AbstractContextManager:
+    """The SDPA kernel that a training forward runs under (its backward follows it): on a CPU, with autograd on, the
+    math kernel, whose backward is 3-4x faster there than the flash kernel's in bf16 at our sentence lengths, 1.2x in
+    float32 (docs/benchmarks.md, "Attention kernels on a CPU"); elsewhere, and for inference, SDPA's own choice (the
+    flash forward is the faster one). With attention dropout, SDPA takes the math kernel on a CPU anyway."""
+    if device.type == "cpu" and torch.is_grad_enabled():
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 def token_loss(
     model: nn.Module, src: Tensor, tgt: Tensor, label_smoothing: float, tokens: Tensor | None = None,
     source_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """`target_loss` of our model on a batch, and the logits (B, T, V): src (B, S); tgt (B, T+1) = `<bos> y <eos>`
     padded; the model reads tgt[:, :-1] and predicts tgt[:, 1:]. `source_weight` > 0 (a decoder-only model's
-    `config.source_loss`, in training) adds its source-side loss times that weight (`translator.decoder_only`)."""
-    if not source_weight:
-        logits = model(src, tgt[:, :-1])
-        return target_loss(logits, tgt, label_smoothing, tokens), logits
-    logits, source = model(src, tgt[:, :-1], with_source=True)
+    `config.source_loss`, in training) adds its source-side loss times that weight (`translator.decoder_only`).
+    The forward runs under `training_attention`."""
+    with training_attention(src.device):
+        if not source_weight:
+            logits = model(src, tgt[:, :-1])
+            return target_loss(logits, tgt, label_smoothing, tokens), logits
+        logits, source = model(src, tgt[:, :-1], with_source=True)
     return target_loss(logits, tgt, label_smoothing, tokens) + source_weight * source, logits
 
 
