@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| B x H x Lq x Lk | mask | dtype | kernel | fwd+bwd ms | fwd ms (no_grad) | rel. error: out, dq, dk, dv |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        err = r.get("error") or ", ".join(f"{e:.4f}" for e in r.get("rel_error", [])) or "-"
+        err = r.get("error") or ", ".join(f"{e:.1e}" for e in r.get("rel_error", [])) or "-"
         train = f"{r['train_ms']:.2f}" if "train_ms" in r else "-"
         infer = f"{r['infer_ms']:.3f}" if "infer_ms" in r else "-"
         print(f"| {' x '.join(map(str, r['shape']))} | {r['mask']} | {r['dtype']} | {r['kernel']} | {train} | "

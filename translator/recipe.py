@@ -31,9 +31,10 @@ def target_loss(logits: Tensor, tgt: Tensor, label_smoothing: float, tokens: Ten
 
 def training_attention(device: torch.device) -> AbstractContextManager:
     """The SDPA kernel that a training forward runs under (its backward follows it): on a CPU, with autograd on, the
-    math kernel, whose backward is 3-4x faster there than the flash kernel's in bf16 at our sentence lengths, 1.2x in
-    float32 (docs/benchmarks.md, "Attention kernels on a CPU"); elsewhere, and for inference, SDPA's own choice (the
-    flash forward is the faster one). With attention dropout, SDPA takes the math kernel on a CPU anyway."""
+    math kernel, whose forward and backward are 1.9-4.8x faster there than the flash kernel's in bf16 at our sentence
+    lengths, up to 1.5x in float32 (docs/benchmarks.md, "Attention kernels on a CPU"); elsewhere, and for inference,
+    SDPA's own choice (the flash forward is the faster one). With attention dropout, SDPA takes the math kernel on a
+    CPU anyway."""
     if device.type == "cpu" and torch.is_grad_enabled():
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
