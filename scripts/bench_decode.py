@@ -75,10 +75,12 @@ def timed(fn, batches: list, device: torch.device, warm=None) -> tuple[float, li
 def search(model: nn.Module, src: Tensor, beam: int, max_len_a: float, max_len_b: float, static: bool = False
            ) -> list[list[int]]:
     """Token ids of the best hypothesis per sentence: `generate.greedy` for beam 1, else `generate.beam_search`;
-    static: their fixed-shape form, one CUDA graph per batch on a GPU."""
+    static: their fixed-shape form, one CUDA graph per batch on a GPU. Beam search with HF's rules in the comparison
+    (score / len, early stopping), which decodes every hypothesis to the cap anyway."""
     if beam == 1:
         return generate.greedy(model, src, max_len_a, max_len_b, static=static)
-    return [h[0].tokens for h in generate.beam_search(model, src, beam, 1.0, max_len_a, max_len_b, static=static)]
+    return [h[0].tokens for h in generate.beam_search(model, src, beam, 1.0, max_len_a, max_len_b, static=static,
+                                                      penalty="average", early_stopping=True)]
 
 
 def search_label(beam: int, static: bool, device: torch.device) -> str:
@@ -161,8 +163,8 @@ def engine_rows(path: str, model: nn.Module, tokenizer: Tokenizer, sentences: li
     """The checkpoint exported by `translator export` and run end to end by `translator.engines` on as many threads
     as torch uses, the same sentences and beams as the translate() rows:
 
-    * CTranslate2 at each ``--ctranslate2`` quantization: its own search, whose length penalty is score / len**1
-      (ours: GNMT's), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
+    * CTranslate2 at each ``--ctranslate2`` quantization: its own search: score / len**1 as ours, but it stops at
+      `beam` finished hypotheses (ours searches on while one can still be beaten), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
       cannot express (the prefix-LM) or without the ctranslate2 package.
     * ONNX Runtime (``--onnx``): our search over the exported encoder / decoder-step graphs."""
     import importlib.util

@@ -23,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from translator.generate import LENGTH_PENALTY, PENALTY
+from translator.generate import add_search_arguments
 
 log = logging.getLogger("compare")
 
@@ -53,8 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a named test set (repeatable)")
     parser.add_argument("--limit", type=int, help="use only the first N pairs of each test set")
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
-    parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
-                        help=f"length penalty alpha (default {LENGTH_PENALTY}, {PENALTY} form)")
+    add_search_arguments(parser)
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded source tokens per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no significance)")
@@ -130,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         report = compare(
             args.checkpoints, testsets, beam=args.beam, batch_tokens=args.batch_tokens, device=args.device,
             bootstrap=args.bootstrap, names=args.names, length_penalty=args.length_penalty, examples=args.examples,
+            penalty=args.penalty, early_stopping=args.early_stopping,
         )
         command = shlex.join(["python", "scripts/compare.py", *(sys.argv[1:] if argv is None else argv)])
         written = write_report(report, args.out, command)

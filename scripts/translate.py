@@ -16,8 +16,8 @@ stderr and exit code 2. The work is done by `translator.translate` and `translat
 Engines (--engine): `torch` (default with --checkpoint) runs our model; `ctranslate2` and `onnx` run a directory
 written by `translator export` (--model DIR; default: the directory's own format), or export --checkpoint on the fly
 into a temporary directory (float32) first. `onnx` runs our own search over ONNX Runtime's graphs (same hypotheses and
-scores as torch); `ctranslate2` runs CTranslate2's search, whose length penalty is score / len**alpha (ours: GNMT's) and
-whose scores are its own. Both run on the CPU; --static and --attention are torch's.
+scores as torch); `ctranslate2` runs CTranslate2's search, which normalises by len**alpha only (--penalty average, the
+default), stops at --beam finished hypotheses whatever --early-stopping says, and gives scores of its own. Both run on the CPU; --static and --attention are torch's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from translator.generate import LENGTH_PENALTY, MIN_LEN, PENALTY
+from translator.generate import MIN_LEN, add_search_arguments
 
 log = logging.getLogger("translate")
 ENGINES = ("torch", "ctranslate2", "onnx")
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                           "(default with --model: the directory's format)")
     parser.add_argument("--beam", type=int, default=5, help="beam size (1: greedy)")
     parser.add_argument("--nbest", type=int, help="write the N best per line as TSV: line_no, rank, score, text")
-    parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY,
-                        help=f"length penalty alpha (default {LENGTH_PENALTY}, {PENALTY} form)")
+    add_search_arguments(parser)
     parser.add_argument("--min-len", type=int, default=MIN_LEN,
                         help="tokens before the end of a translation may come (0: a translation may be empty)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="padded source tokens per batch")
@@ -179,9 +178,9 @@ def translate_exported(args: argparse.Namespace, sentences: list[str], options: 
             if args.engine is not None and manifest.get("format") != args.engine:
                 raise EngineError(f"--model {path}: a {manifest.get('format')} export, not {args.engine}")
             engine = engines.load(path)
+            return engine.translate(sentences, **options)
         except (ExportError, FileNotFoundError, ValueError, ImportError) as err:
             raise EngineError(err) from None
-        return engine.translate(sentences, **options)
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -203,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(
                 f"{args.reference}: {len(references)} reference lines, but the input has {len(sentences)} lines"
             )
-        options = dict(beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty,
+        options = dict(beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty, penalty=args.penalty,
+                       early_stopping=args.early_stopping,
                        batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens)
         if args.engine == "torch":
             model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)

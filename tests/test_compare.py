@@ -139,6 +139,9 @@ def test_compare_writes_every_output_with_every_column(report):
     assert "bs:300" in data["signatures"]["paired_bs"]["BLEU"] and "nrefs:1" in data["signatures"]["chrF"]
     md = (out / "report.md").read_text()
     assert "| encdec | test |" in md and "![validation curves](curves_step.png)" in md and "no time column" not in md
+    assert {k: data["settings"][k] for k in ("length_penalty", "penalty", "early_stopping")} == {
+        "length_penalty": 1.0, "penalty": "average", "early_stopping": False}  # the defaults of translator.generate
+    assert "length penalty 1.0 (average, no early stopping)" in md
     assert stdout.startswith("| model | test set | params |") and stdout.count("\n") == 4  # header, rule, 2 rows
 
 

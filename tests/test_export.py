@@ -305,6 +305,9 @@ def test_translate_script_engine_errors(trained, tmp_path, capsys):
     assert err.count("\n") == 1 and "a ctranslate2 export, not onnx" in err
     assert script.main(["--model", str(tmp_path), "Ein Hund."]) == 2
     assert "not a directory written by `translator export`" in capsys.readouterr().err
+    assert script.main(["--model", str(out), "--penalty", "gnmt", "Ein Hund."]) == 2  # CTranslate2 has len**alpha only
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "penalty='gnmt'" in err and "len**alpha only" in err
     for argv in (["--model", str(out), "--static", "a"], ["--model", str(out), "--engine", "torch", "a"],
                  ["--checkpoint", "x.ckpt", "--model", str(out), "a"]):
         with pytest.raises(SystemExit) as info:

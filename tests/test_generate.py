@@ -171,9 +171,12 @@ def test_reorder_is_required():
     assert got != want  # the broken cache scores [B, C] with the prefix [A, C]: p(eos) .5 instead of 1
 
 
-def test_beam_size_one_equals_greedy_scripted():
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_beam_size_one_equals_greedy_scripted(early_stopping):
+    """One beam is greedy search, also without early stopping (it would otherwise search on after eos)."""
     for script, src in [(table, [A]), (loop, [A, B, C]), (by_source, [B, C])]:
-        (hyps,) = beam_search(ScriptedModel(script), src_of(src), beam_size=1, nbest=1)
+        (hyps,) = beam_search(ScriptedModel(script), src_of(src), beam_size=1, nbest=1, early_stopping=early_stopping,
+                              penalty="average", length_penalty=1.0)
         assert [h.tokens for h in hyps] == greedy(ScriptedModel(script), src_of(src))
 
 
@@ -301,9 +304,10 @@ def test_real_cached_beam_equals_uncached(real):
     assert greedy(model, src, max_len_a=1.0, max_len_b=4) == greedy(Uncached(model), src, max_len_a=1.0, max_len_b=4)
 
 
-def test_real_beam_one_equals_greedy(real):
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_real_beam_one_equals_greedy(real, early_stopping):
     model, src = real
-    hyps = beam_search(model, src, beam_size=1)
+    hyps = beam_search(model, src, beam_size=1, early_stopping=early_stopping)
     assert [h[0].tokens for h in hyps] == greedy(model, src)
 
 

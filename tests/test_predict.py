@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ENV, MODULES, MULTI30K, REPO
 
-from translator import checkpoint
+from translator import checkpoint, generate
 from translator.cli import main
 from translator.data import SourceBatches, load_sources
 from translator.module import TranslationModule
@@ -105,6 +105,25 @@ def test_predict_writes_one_line_per_input_line_in_order(arch, checkpoints, inpu
     warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
     assert len(warnings) == 1 and f"line {LONG_LINE}:" in warnings[0] and "max_len" in warnings[0]
     assert not (tmp_path / "checkpoints" / "debug").exists()  # no logs, no config.yaml: predict writes the file only
+
+
+def test_predict_takes_the_length_rule_from_the_command_line(checkpoints, inputs, tmp_path, monkeypatch):
+    """`--model.length_penalty/penalty/early_stopping` reach every beam search of `translator predict` (the debug
+    checkpoints never end a translation early, so the file alone could not tell the rules apart)."""
+    calls: list[tuple] = []
+    search = generate.beam_search
+
+    def spy(model, src, beam_size, length_penalty, **kw):
+        calls.append((beam_size, length_penalty, kw["penalty"], kw["early_stopping"]))
+        return search(model, src, beam_size, length_penalty, **kw)
+
+    monkeypatch.setattr(generate, "beam_search", spy)
+    monkeypatch.chdir(tmp_path)
+    main(predict_args(checkpoints["seq2seq"], inputs, "--model.class_path", MODULES["seq2seq"], "--data.predict_path",
+                      str(inputs["input"]), "--predict_output", str(tmp_path / "hyp.en"), "--model.test_beam_size",
+                      str(BEAM), "--model.length_penalty", "0.5", "--model.penalty", "gnmt",
+                      "--model.early_stopping", "true"))
+    assert calls and set(calls) == {(BEAM, 0.5, "gnmt", True)}
 
 
 def test_ddp_predict_on_two_processes_writes_the_same_file(checkpoints, inputs, expected, tmp_path):

@@ -6,10 +6,11 @@
     translator export --checkpoint CKPT --format ctranslate2|onnx [--quantization int8] --out DIR
 
 `predict` translates a UTF-8 text file (one sentence per line, plain or .gz; default: the source side of
-`--data.test_split`) with beam search of width `test_beam_size` (1: greedy) and the model's `length_penalty`, and
-writes one line per input line, in input order, to `--predict_output` (gzip if it ends in .gz): an empty line gives an
-empty line, a line over `--data.max_len` tokens is truncated with a warning naming it. Batches follow the data's token
-budget and are sharded over DDP ranks and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them
+`--data.test_split`) with beam search of width `test_beam_size` (1: greedy) and the model's length rule
+(`length_penalty`, `penalty`, `early_stopping`), and writes one line per input line, in input order, to
+`--predict_output` (gzip if it ends in .gz): an empty line gives an empty line, a line over `--data.max_len`
+tokens is truncated with a warning naming it. Batches follow the data's token budget and are sharded over DDP ranks
+and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them
 and rank 0 writes the file. `--ckpt_path` and `--predict_output` are required: an untrained model's output is noise,
 and the progress bar shares stdout.
 

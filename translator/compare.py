@@ -41,7 +41,7 @@ from torch import nn
 
 from translator import checkpoint
 from translator.data import load_pairs
-from translator.generate import LENGTH_PENALTY
+from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, PENALTIES, PENALTY, Penalty
 from translator.significance import bootstrap_arms
 from translator.significance import paired_bootstrap as paired_bootstrap  # re-exported: its home before the split
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -176,14 +176,15 @@ def perplexity(model: nn.Module, tokenizer: Tokenizer, sources: list[str], refer
 
 
 def timed_translate(model: nn.Module, tokenizer: Tokenizer, sentences: list[str], beam: int, batch_tokens: int,
-                    length_penalty: float = LENGTH_PENALTY) -> tuple[list[str], float]:
-    """Best translation of each sentence and the wall time in seconds (after an untimed warm-up batch)."""
+                    **search: Any) -> tuple[list[str], float]:
+    """Best translation of each sentence and the wall time in seconds (after an untimed warm-up batch). `search`:
+    `length_penalty`, `penalty`, `early_stopping` of `translator.translate.translate` (its defaults when left out)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    translate(model, tokenizer, sentences[:8], beam=beam, length_penalty=length_penalty, batch_tokens=batch_tokens)
+    translate(model, tokenizer, sentences[:8], beam=beam, batch_tokens=batch_tokens, **search)
     sync()
     start = time.perf_counter()
-    results = translate(model, tokenizer, sentences, beam=beam, length_penalty=length_penalty, batch_tokens=batch_tokens)
+    results = translate(model, tokenizer, sentences, beam=beam, batch_tokens=batch_tokens, **search)
     sync()
     return [hyps[0].text for hyps in results], time.perf_counter() - start
 
@@ -282,10 +283,13 @@ def summarise_arms(rows: list[dict[str, Any]], arms: dict[str, list[str]]) -> li
 
 def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam: int = 5, batch_tokens: int = 4096,
             device: str = "auto", bootstrap: int = 1000, names: list[str] | None = None, length_penalty: float = LENGTH_PENALTY,
-            examples: int = 5) -> Report:
+            examples: int = 5, penalty: Penalty = PENALTY, early_stopping: bool = EARLY_STOPPING) -> Report:
     """Evaluate every checkpoint on every test set (one model in memory at a time); see the module docstring."""
     if not checkpoints or not testsets:
         raise CompareError("need at least one checkpoint and one test set")
+    if penalty not in PENALTIES:
+        raise CompareError(f"penalty={penalty!r}: expected one of {PENALTIES}")
+    search = dict(length_penalty=length_penalty, penalty=penalty, early_stopping=early_stopping)
     names = names or checkpoint_names(checkpoints)
     if len(names) != len(checkpoints) or len(set(names)) != len(names):
         raise CompareError(f"need one unique name per checkpoint, got {names}")
@@ -320,7 +324,7 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
         })
         for ts in testsets:
             log.info("%s on %s (%d sentences): translating with beam %d", name, ts.name, len(ts.sources), beam)
-            out, seconds = timed_translate(model, tokenizer, ts.sources, beam, batch_tokens, length_penalty)
+            out, seconds = timed_translate(model, tokenizer, ts.sources, beam, batch_tokens, **search)
             hyps[name, ts.name] = out
             row = {
                 "model": name, "testset": ts.name, "sentences": len(ts.sources),
@@ -357,7 +361,7 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
         for ts in testsets
     }
     settings = {
-        "beam": beam, "length_penalty": length_penalty, "batch_tokens": batch_tokens, "device": str(dev),
+        "beam": beam, **search, "batch_tokens": batch_tokens, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "bootstrap": bootstrap, "torch": torch.__version__,
         "sacrebleu": sacrebleu.__version__, "tokenizer_pieces": tokenizer.vocab_size,

@@ -6,8 +6,9 @@
 Each engine's `translate` takes the arguments of `translator.translate.translate` (less the model and tokenizer) and
 returns the same n-best lists of `Translation`, in input order; empty sentences get one empty translation.
 
-- `CTranslate2Engine` runs CTranslate2's own search. Its length penalty is CTranslate2's, score / len**alpha (ours
-  defaults to GNMT's), and its scores are CTranslate2's. Sentences are batched with others of the same source length,
+- `CTranslate2Engine` runs CTranslate2's own search. It normalises scores by len**alpha, our default form
+  (`penalty="average"`; GNMT's form is refused), and always stops a sentence once `beam` hypotheses have finished,
+  whatever `early_stopping` says (CTranslate2 has no other rule); its scores are CTranslate2's. Sentences are batched with others of the same source length,
   so that each gets our length cap, int(1.2 * source tokens + 10) target tokens, exactly (CTranslate2 takes one cap per
   batch). Greedy search in float32 finds our tokens (tests/test_export.py).
 - `OnnxEngine` runs the exported graphs under ONNX Runtime behind the decode-step interface (`OnnxModel`), so the
@@ -27,7 +28,7 @@ import torch
 
 from translator.cache import DecodeState, KVCache, LayerCache
 from translator.export import MANIFEST
-from translator.generate import LENGTH_PENALTY
+from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, PENALTY, Penalty
 from translator.tokenizer import Tokenizer
 from translator.translate import Translation, encode_sources, translate
 
@@ -92,12 +93,16 @@ class CTranslate2Engine:
                 include_prompt_in_result=False, **options)
         return [list(zip(r.hypotheses if self.seq2seq else r.sequences, r.scores)) for r in results]
 
-    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = 1.0,
-                  batch_tokens: int = 4096, max_input_tokens: int = 256) -> list[list[Translation]]:
+    def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = LENGTH_PENALTY,
+                  batch_tokens: int = 4096, max_input_tokens: int = 256, penalty: Penalty = PENALTY,
+                  early_stopping: bool = EARLY_STOPPING) -> list[list[Translation]]:
         """Like `translator.translate.translate`; batches hold sentences of one source length, under
-        `batch_tokens` source tokens."""
+        `batch_tokens` source tokens. `early_stopping` is not CTranslate2's to choose (see the module docstring)."""
         if beam < 1 or not 1 <= nbest <= beam:
             raise ValueError(f"need beam >= 1 and 1 <= nbest <= beam, got beam={beam} nbest={nbest}")
+        if penalty != "average":
+            raise ValueError(f"penalty={penalty!r}: CTranslate2 normalises scores by len**alpha only (penalty "
+                             "'average')")
         sources = encode_sources(self.tokenizer, sentences, max_input_tokens)
         by_length: dict[int, list[int]] = defaultdict(list)
         for i, ids in enumerate(sources):
@@ -177,6 +182,8 @@ class OnnxEngine:
         self.tokenizer = Tokenizer.from_file(self.model.path / self.model.manifest["sentencepiece"])
 
     def translate(self, sentences: list[str], beam: int = 5, nbest: int = 1, length_penalty: float = LENGTH_PENALTY,
-                  batch_tokens: int = 4096, max_input_tokens: int = 256) -> list[list[Translation]]:
+                  batch_tokens: int = 4096, max_input_tokens: int = 256, penalty: Penalty = PENALTY,
+                  early_stopping: bool = EARLY_STOPPING) -> list[list[Translation]]:
         return translate(self.model, self.tokenizer, sentences, beam=beam, nbest=nbest, length_penalty=length_penalty,
-                         batch_tokens=batch_tokens, max_input_tokens=max_input_tokens)
+                         batch_tokens=batch_tokens, max_input_tokens=max_input_tokens, penalty=penalty,
+                         early_stopping=early_stopping)

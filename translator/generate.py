@@ -14,10 +14,11 @@ dropout stays under the caller's control. They run under ``torch.inference_mode(
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -26,15 +27,28 @@ from translator import static_search
 from translator.tokenizer import BOS_ID, SEP_ID
 
 Penalty = Literal["gnmt", "average"]
+PENALTIES: tuple[Penalty, ...] = get_args(Penalty)
 
-# The decoding defaults, in one place: chosen on Multi30k *validation* with scripts/tune_decoding.py (docs/results.md:
-# with the quickstart recipe's models at 500 and 1000 steps, GNMT 2.0 scored the best or within 0.25 BLEU of the best,
-# with brevity penalty 0.98-1.00; GNMT 1.0 left translations 5-10% short). Every caller (translate, the modules'
-# test/predict, compare, the scripts) uses them.
-LENGTH_PENALTY: float = 2.0  # alpha
-PENALTY: Penalty = "gnmt"  # how the summed log-prob is normalised by length
-EARLY_STOPPING: bool = True
+# The decoding defaults, in one place, chosen on Multi30k *validation* with scripts/tune_decoding.py (docs/results.md,
+# "Length"): the average log-probability (score / len**1.0) searched without early stopping, as HF `generate` does,
+# was the best setting on val for each of the three quickstart checkpoints it was tried on (+0.2 to +1.05 BLEU over
+# GNMT 2.0 with early stopping, the default before). Every caller (translate, the modules' test/predict, compare,
+# the engines, the scripts) uses them.
+LENGTH_PENALTY: float = 1.0  # alpha
+PENALTY: Penalty = "average"  # how the summed log-prob is normalised by length
+EARLY_STOPPING: bool = False  # True: stop at beam_size finished hypotheses (fairseq); False: when none can be beaten
 MIN_LEN: int = 1
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The beam search's length options of the scripts: --length-penalty, --penalty, --[no-]early-stopping."""
+    parser.add_argument("--length-penalty", type=float, default=LENGTH_PENALTY, metavar="ALPHA",
+                        help=f"length penalty alpha (default {LENGTH_PENALTY})")
+    parser.add_argument("--penalty", choices=PENALTIES, default=PENALTY,
+                        help=f"length normalisation: gnmt ((5+len)/6)**alpha or average len**alpha (default {PENALTY})")
+    parser.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=EARLY_STOPPING,
+                        help="end a sentence's search at beam-size finished hypotheses (fairseq) rather than when "
+                             "no live beam can beat them (default: %(default)s)")
 
 
 class DecodeState(Protocol):
@@ -188,6 +202,7 @@ def beam_search(
         ``score / max(penalty(len + 1), penalty(max_len + 1))``; that is a true upper bound, so stopping never
         loses a hypothesis that the beam could still have found (but it may search up to max length);
       - in either case, at max length, or when no live beam has a finite score left.
+    ``beam_size=1`` always stops early, which makes it greedy search (HF runs greedy search for one beam too).
 
     Two ways to run the same search, with the same results:
       - dynamic (default): done sentences are dropped from the batch (``state.reorder``), so they cost nothing
@@ -208,7 +223,7 @@ def beam_search(
         min_len = min_lengths(src, pad, min_len, max_len)  # (B,)
         cap = int(max_len.max()) if B else 0
         step = partial(_beam_step, K=K, eos=model.config.eos_id, alpha=length_penalty, penalty=penalty,
-                       early_stopping=early_stopping, ranks=torch.arange(2 * K, device=device))
+                       early_stopping=early_stopping or K == 1, ranks=torch.arange(2 * K, device=device))
 
         # finished hypotheses, kept as the K best per sentence (sorted), -inf where empty
         fin_scores = torch.full((B, K), -math.inf, device=device)  # (B, K)

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DECODING_HPARAMS = ("test_beam_size", "length_penalty")  # chosen when decoding: not saved with the weights
+DECODING_HPARAMS = ("test_beam_size", "length_penalty", "penalty", "early_stopping")  # chosen when decoding: not saved
+# with the weights
 
 
 def evaluation_metrics() -> nn.ModuleDict:
@@ -57,9 +58,10 @@ class TranslationModule(L.LightningModule):
         bleu_sentences: decode at most this many validation sentences for BLEU, in all (None: all), spread evenly over
             the split: line i when ``i % ceil(lines / bleu_sentences) == 0``. The same lines at every validation, for
             any number of ranks and in any batch order (evaluation batches carry each row's line index).
-        test_beam_size, length_penalty: the search of `translator test` and `translator predict` (beam 1: greedy);
-            decoding settings, left out of the checkpoint's hyper-parameters, so that a `--ckpt_path` never
-            overrides the ones given.
+        test_beam_size, length_penalty, penalty, early_stopping: the search of `translator test` and `translator
+            predict` (beam 1: greedy; the others as in `translator.generate.beam_search`, defaults there); decoding
+            settings, left out of the checkpoint's hyper-parameters, so that a `--ckpt_path` never overrides the
+            ones given.
         compile: compile the training step's forward and loss with `torch.compile`: True (default mode) or a mode
             name; "reduce-overhead" adds CUDA graphs, one recording per batch shape (token-budget batches come in
             few shapes: 18 over two passes of Multi30k at 8192 tokens).
@@ -81,11 +83,15 @@ class TranslationModule(L.LightningModule):
         bleu_sentences: int | None = None,
         test_beam_size: int = 5,
         length_penalty: float = generate.LENGTH_PENALTY,
+        penalty: generate.Penalty = generate.PENALTY,
+        early_stopping: bool = generate.EARLY_STOPPING,
         compile: bool | str = False,
     ) -> None:
         super().__init__()
         if schedule not in recipe.SCHEDULES:
             raise ValueError(f"schedule={schedule!r}: expected one of {recipe.SCHEDULES}")
+        if penalty not in generate.PENALTIES:
+            raise ValueError(f"penalty={penalty!r}: expected one of {generate.PENALTIES}")
         if bleu_sentences is not None and bleu_sentences < 1:
             raise ValueError(f"bleu_sentences={bleu_sentences}: expected a positive number, or null for all")
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
@@ -214,7 +220,9 @@ class TranslationModule(L.LightningModule):
         if beam <= 1:
             ids = generate.greedy(self.model, src)
         else:
-            ids = [h[0].tokens for h in generate.beam_search(self.model, src, beam, self.hparams.length_penalty)]
+            hp = self.hparams
+            ids = [h[0].tokens for h in generate.beam_search(self.model, src, beam, hp.length_penalty,
+                                                             penalty=hp.penalty, early_stopping=hp.early_stopping)]
         for i, text in zip(rows, self.tokenizer.decode(ids)):
             texts[i] = text
         return texts

@@ -133,6 +133,14 @@ def curve_table(arm_logs: dict[str, list[TrainingLog]], metric: str = "val/ppl",
     return "\n".join(lines) + "\n"
 
 
+def search_text(settings: dict[str, Any]) -> str:
+    """The beam search's length rule as the report states it; reports written before `penalty` and
+    `early_stopping` were recorded used GNMT with early stopping."""
+    form = settings.get("penalty", "gnmt")
+    stop = "early stopping" if settings.get("early_stopping", True) else "no early stopping"
+    return f"{settings['length_penalty']} ({form}, {stop})"
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -259,7 +267,7 @@ def report_markdown(report: Report, command: str | None, curves: list[tuple[str,
         md += ["```", command, "```", ""]
     md += [
         (f"{s['date']}; device {s['device']} ({s['device_name']}), torch {s['torch']}; beam {s['beam']}, "
-         f"length penalty {s['length_penalty']}, {s['batch_tokens']} source tokens per batch; shared tokenizer of "
+         f"length penalty {search_text(s)}, {s['batch_tokens']} source tokens per batch; shared tokenizer of "
          f"{s['tokenizer_pieces']} pieces (sha256 {s['tokenizer_sha256'][:12]})."), "",
         "Test sets: " + "; ".join(f"{t['name']} ({t['sentences']} pairs, {t['where']})" for t in report.testsets), "",
         markdown_table(report),
