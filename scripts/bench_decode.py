@@ -164,8 +164,9 @@ def engine_rows(path: str, model: nn.Module, tokenizer: Tokenizer, sentences: li
     as torch uses, the same sentences and beams as the translate() rows:
 
     * CTranslate2 at each ``--ctranslate2`` quantization: its own search: score / len**1 as ours, but it stops at
-      `beam` finished hypotheses (ours searches on while one can still be beaten), so beam BLEU may differ a little; greedy fp32 finds our tokens. No rows for a model CTranslate2
-      cannot express (the prefix-LM) or without the ctranslate2 package.
+      `beam` finished hypotheses (ours searches on while one can still be beaten), so beam BLEU may differ a little;
+      greedy fp32 finds our tokens. No rows for a model CTranslate2 cannot express (the prefix-LM) or without the
+      ctranslate2 package.
     * ONNX Runtime (``--onnx``): our search over the exported encoder / decoder-step graphs."""
     import importlib.util
     import tempfile

@@ -17,7 +17,8 @@ Engines (--engine): `torch` (default with --checkpoint) runs our model; `ctransl
 written by `translator export` (--model DIR; default: the directory's own format), or export --checkpoint on the fly
 into a temporary directory (float32) first. `onnx` runs our own search over ONNX Runtime's graphs (same hypotheses and
 scores as torch); `ctranslate2` runs CTranslate2's search, which normalises by len**alpha only (--penalty average, the
-default), stops at --beam finished hypotheses whatever --early-stopping says, and gives scores of its own. Both run on the CPU; --static and --attention are torch's.
+default), stops at --beam finished hypotheses whatever --early-stopping says, and gives scores of its own. Both run on
+the CPU; --static and --attention are torch's.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.reference}: {len(references)} reference lines, but the input has {len(sentences)} lines"
             )
         options = dict(beam=args.beam, nbest=args.nbest or 1, length_penalty=args.length_penalty, penalty=args.penalty,
-                       early_stopping=args.early_stopping,
-                       batch_tokens=args.batch_tokens, max_input_tokens=args.max_input_tokens)
+                       early_stopping=args.early_stopping, batch_tokens=args.batch_tokens,
+                       max_input_tokens=args.max_input_tokens)
         if args.engine == "torch":
             model, tokenizer, _ = checkpoint.load(args.checkpoint, map_location=device)
             if args.quantize != "none":

@@ -10,9 +10,9 @@
 (`length_penalty`, `penalty`, `early_stopping`), and writes one line per input line, in input order, to
 `--predict_output` (gzip if it ends in .gz): an empty line gives an empty line, a line over `--data.max_len`
 tokens is truncated with a warning naming it. Batches follow the data's token budget and are sharded over DDP ranks
-and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them
-and rank 0 writes the file. `--ckpt_path` and `--predict_output` are required: an untrained model's output is noise,
-and the progress bar shares stdout.
+and DataLoader workers; `translator.callbacks.TranslationWriter` gathers them and rank 0 writes the file.
+`--ckpt_path` and `--predict_output` are required: an untrained model's output is noise, and the progress bar shares
+stdout.
 
 `export` (translator/export.py) writes a checkpoint as a CTranslate2 or ONNX serving directory; it is dispatched
 before LightningCLI, with its own argparse parser.

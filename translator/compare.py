@@ -41,7 +41,7 @@ from torch import nn
 
 from translator import checkpoint
 from translator.data import load_pairs
-from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, PENALTIES, PENALTY, Penalty
+from translator.generate import EARLY_STOPPING, LENGTH_PENALTY, PENALTY, Penalty
 from translator.significance import bootstrap_arms
 from translator.significance import paired_bootstrap as paired_bootstrap  # re-exported: its home before the split
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -287,8 +287,6 @@ def compare(checkpoints: list[str | os.PathLike], testsets: list[TestSet], beam:
     """Evaluate every checkpoint on every test set (one model in memory at a time); see the module docstring."""
     if not checkpoints or not testsets:
         raise CompareError("need at least one checkpoint and one test set")
-    if penalty not in PENALTIES:
-        raise CompareError(f"penalty={penalty!r}: expected one of {PENALTIES}")
     search = dict(length_penalty=length_penalty, penalty=penalty, early_stopping=early_stopping)
     names = names or checkpoint_names(checkpoints)
     if len(names) != len(checkpoints) or len(set(names)) != len(names):

@@ -8,9 +8,10 @@ returns the same n-best lists of `Translation`, in input order; empty sentences 
 
 - `CTranslate2Engine` runs CTranslate2's own search. It normalises scores by len**alpha, our default form
   (`penalty="average"`; GNMT's form is refused), and always stops a sentence once `beam` hypotheses have finished,
-  whatever `early_stopping` says (CTranslate2 has no other rule); its scores are CTranslate2's. Sentences are batched with others of the same source length,
-  so that each gets our length cap, int(1.2 * source tokens + 10) target tokens, exactly (CTranslate2 takes one cap per
-  batch). Greedy search in float32 finds our tokens (tests/test_export.py).
+  whatever `early_stopping` says (CTranslate2 has no other rule); its scores are CTranslate2's. Sentences are batched
+  with others of the same source length, so that each gets our length cap, int(1.2 * source tokens + 10) target
+  tokens, exactly (CTranslate2 takes one cap per batch). Greedy search in float32 finds our tokens
+  (tests/test_export.py).
 - `OnnxEngine` runs the exported graphs under ONNX Runtime behind the decode-step interface (`OnnxModel`), so the
   search is `translator.generate.beam_search` itself: same hypotheses and scoring rules as the PyTorch model.
 """

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DECODING_HPARAMS = ("test_beam_size", "length_penalty", "penalty", "early_stopping")  # chosen when decoding: not saved
-# with the weights
+# chosen when decoding: not saved with the weights
+DECODING_HPARAMS = ("test_beam_size", "length_penalty", "penalty", "early_stopping")
 
 
 def evaluation_metrics() -> nn.ModuleDict:
