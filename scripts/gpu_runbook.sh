@@ -6,8 +6,8 @@
 #
 # Parts, in the order that serves the open issues best, with their time caps (a part never runs over its cap: each
 # command has a `timeout`, and partial results stay):
-#   train      (~9 min) the architecture study's GPU column: encdec, causal and prefix at base size (bf16, TRAIN_TIME
-#              each, default 00:00:02:30), then scripts/compare.py on test2016 -> $OUT/compare/report/
+#   train      (~9 min) the architecture study's GPU column: ARMS (default encdec, causal, prefix-rope-restart) at base
+#              size (bf16, TRAIN_TIME each, default 00:00:02:30), then scripts/compare.py on test2016 -> compare/report/
 #   decode     (~5 min) issue #5: scripts/bench_decode.py, random-init base models against HF generate(), greedy
 #              and beam 5, dynamic and CUDA-graph search; with the train part's checkpoints when present
 #   ttb        (~5 min) issue #8: scripts/time_to_bleu.py, the encdec recipe until test2016 greedy BLEU >= 41.3
@@ -31,9 +31,11 @@ DEVICE_OUT=${OUT:-}
 OUT=${RESULTS:-out/gpu}
 DATA=${DATA:-}
 TRAIN_TIME=${TRAIN_TIME:-00:00:02:30}
+ARMS=${ARMS:-encdec causal prefix-rope-restart}
 mkdir -p "$OUT"
 if [ -n "$DEVICE_OUT" ]; then
-  trap 'tar czf "$DEVICE_OUT/gpu-$(IFS=-; echo "$*").tgz" "$OUT" && cp "$OUT/runbook.log" "$DEVICE_OUT/"' EXIT
+  # checkpoints stay behind: a base-size one is hundreds of MB, over what comes back from the device
+  trap 'tar czf "$DEVICE_OUT/gpu-$(IFS=-; echo "$*").tgz" --exclude="*.ckpt" "$OUT"; cp "$OUT/runbook.log" "$DEVICE_OUT/"' EXIT
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # the scripts default to ../shared/data/multi30k; on the device the data travels as .data/multi30k
@@ -56,8 +58,9 @@ run() {  # run CAP_SECONDS LOG_NAME COMMAND...: time-capped, logged, never abort
 
 part_train() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-  # the study's three arms at base size (26.2M parameters each), TRAIN_TIME each; the curves stay in the runs' folders
+  # the study's arms (ARMS) at base size (26.2M parameters each), TRAIN_TIME each; the curves stay in the runs' folders
   run 570 train bash scripts/compare_architectures.sh --data "$DATA" --out "$OUT/compare" --device cuda --seeds 0 \
+    --arms "$ARMS" \
     --recipe configs/compare/cpu.yaml --recipe configs/compare/gpu.yaml --compare "--bootstrap 1000" \
     --fit "--trainer.max_time $TRAIN_TIME ${EXTRA_FIT_ARGS:-}"
 }
