@@ -4,8 +4,13 @@
     python scripts/tune_decoding.py --checkpoint checkpoints/quickstart/last.ckpt --data ../shared/data/multi30k \\
         --split val --penalty gnmt average --alpha 0.6 1.0 1.4 2.0
 
-Prints one row per (early stopping, length penalty form, alpha): BLEU, chrF, brevity penalty and hypothesis/reference length ratio
-(sacreBLEU 13a), so that the defaults in `translator.generate` can be chosen from measurements.
+Prints one row per (early stopping, length penalty form, alpha): BLEU, chrF, brevity penalty, hypothesis/reference
+length ratio (sacreBLEU 13a), and the share of sentences whose translation has under 0.75x (`short`) or over 1.25x
+(`long`) the reference's words, so that the defaults in `translator.generate` can be chosen from measurements.
+`--eos` first prints where the model puts eos under teacher forcing: its mean log-probability at the reference's
+end, its mean probability before the end, and how often it is the most likely token there. A model that places eos
+as well as another yet writes shorter drops content as it generates (under-translation): no length setting fixes
+that.
 """
 
 from __future__ import annotations
@@ -17,10 +22,38 @@ import time
 
 import sacrebleu
 import torch
+from torch import nn
 
 from translator import checkpoint
 from translator.compare import read_testset
-from translator.translate import translate
+from translator.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from translator.translate import pad, token_batches, translate
+
+SHORT, LONG = 0.75, 1.25  # a sentence's word count against its reference's
+
+
+def eos_placement(model: nn.Module, tokenizer: Tokenizer, sources: list[str], references: list[str],
+                  batch_tokens: int = 4096) -> dict[str, float]:
+    """Teacher-forced eos statistics over the references `y1 .. yn <eos>`: the mean log-probability of eos at the
+    end (`end_logp`), its mean probability at the n positions before (`early_p`), and the share of those positions
+    where eos is the most likely token (`early_argmax`)."""
+    src_ids = tokenizer.encode(sources)
+    tgt_ids = [[BOS_ID, *t, EOS_ID] for t in tokenizer.encode(references)]
+    end_logp, early_p, early_argmax, early = 0.0, 0.0, 0, 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for batch in token_batches([len(s) + len(t) for s, t in zip(src_ids, tgt_ids)], batch_tokens):
+            lp = model(pad([src_ids[i] for i in batch], device), pad([tgt_ids[i] for i in batch], device)[:, :-1])
+            lp = lp.float().log_softmax(-1)  # (B, T, V)
+            for row, i in enumerate(batch):
+                n = len(tgt_ids[i]) - 2  # target tokens before eos
+                end_logp += lp[row, n, EOS_ID].item()
+                early_p += lp[row, :n, EOS_ID].exp().sum().item()
+                early_argmax += int((lp[row, :n].argmax(-1) == EOS_ID).sum())
+                early += n
+    return {"end_logp": end_logp / len(tgt_ids), "early_p": early_p / max(1, early),
+            "early_argmax": early_argmax / max(1, early)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="yes: a sentence ends with its beam-size-th finished hypothesis (fairseq); no: once no live "
                         "beam can beat the finished ones")
     p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--eos", action="store_true", help="first report where the model puts eos under teacher forcing")
     args = p.parse_args(argv)
     if "test" in args.split:
         print(f"tune_decoding.py: warning: tuning on {args.split!r}; tune on a validation split", file=sys.stderr)
@@ -45,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"tune_decoding.py: error: {err}\n")
     print(f"{args.checkpoint}, {len(ts.sources)} {args.split} pairs, beam {args.beam}, torch threads "
           f"{torch.get_num_threads()}")
-    print("| early stop | penalty | alpha | BLEU | chrF | BP | len ratio | seconds |\n|---|---|---|---|---|---|---|---|")
+    if args.eos:
+        eos = eos_placement(model, tokenizer, ts.sources, ts.references, args.batch_tokens)
+        print(f"eos under teacher forcing: mean log p at the end {eos['end_logp']:.3f}, mean p before the end "
+              f"{eos['early_p']:.2e}, most likely token before the end at {eos['early_argmax']:.2%} of positions")
+    print("| early stop | penalty | alpha | BLEU | chrF | BP | len ratio | short | long | seconds |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for early, penalty, alpha in itertools.product(args.early_stopping, args.penalty, args.alpha):
         start = time.perf_counter()
         hyps = [h[0].text for h in translate(model, tokenizer, ts.sources, beam=args.beam, length_penalty=alpha,
@@ -53,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                                              batch_tokens=args.batch_tokens)]
         bleu = sacrebleu.corpus_bleu(hyps, [ts.references])
         chrf = sacrebleu.corpus_chrf(hyps, [ts.references]).score
+        ratios = [len(h.split()) / max(1, len(r.split())) for h, r in zip(hyps, ts.references)]
+        short = sum(r < SHORT for r in ratios) / max(1, len(ratios))
+        long = sum(r > LONG for r in ratios) / max(1, len(ratios))
         print(f"| {early} | {penalty} | {alpha} | {bleu.score:.2f} | {chrf:.1f} | {bleu.bp:.3f} | "
-              f"{bleu.sys_len / bleu.ref_len:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
+              f"{bleu.sys_len / bleu.ref_len:.3f} | {short:.1%} | {long:.1%} | {time.perf_counter() - start:.0f} |",
+              flush=True)
     return 0
 
 
