@@ -559,3 +559,19 @@ def test_bf16_mixed_on_a_cpu_without_bf16_arithmetic_runs_in_float32(accelerator
     trainer = Namespace(accelerator=accelerator, precision=precision)
     cli._cpu_precision(trainer)
     assert trainer.precision == (expected or precision)
+
+
+@pytest.mark.parametrize("override, expected", [([], 0.02), (["--model.init_args.config.init_std=null"], None),
+                                                (["--model.init_args.config.init_std", "0.05"], 0.05)])
+def test_quickstart_layout_and_a_command_line_null_resets_the_initialisation(override, expected, tokenizer_file):
+    """configs/quickstart.yaml trains post-LN with N(0, 0.02) weights; `init_std=null` on the command line (which
+    reaches the module's config dict as the string "None") brings Xavier initialisation back."""
+    from translator.cli import build
+
+    cli = build(["--config", str(REPO / "configs" / "quickstart.yaml"), *data_args(tokenizer_file), *override])
+    config = cli.model.config
+    assert config.norm_first is False and config.init_std == expected
+    weight = cli.model.model.src_embed.weight  # N(0, init_std), or for None N(0, d^-1/2); the pad row is zero
+    rows = torch.arange(len(weight)) != config.pad_id
+    std = expected if expected is not None else config.d_model**-0.5
+    assert weight[rows].std().item() == pytest.approx(std, rel=0.05)

@@ -73,8 +73,10 @@ class TransformerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TransformerConfig:
-        """A named preset with some fields overridden; `None` overrides are ignored. An unknown field, or a value of
-        another type than the field's (an int for a float field is fine), raises a ValueError that names it."""
+        """A named preset with some fields overridden. A `None` override is ignored, except for a field that may be
+        None (`init_std`), which it sets; there "null" and "None" mean None too, as the command line hands a null
+        over inside the module's `config` dict. An unknown field, or a value of another type than the field's (an
+        int for a float field is fine), raises a ValueError that names it."""
         if name not in cls._presets:
             raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(cls._presets)}")
         hints = get_type_hints(cls)
@@ -82,11 +84,14 @@ class TransformerConfig:
         unknown = sorted(set(overrides) - set(types))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; its fields: {', '.join(types)}")
+        nullable = {key for key, kind in types.items() if _has_type(None, kind)}
+        overrides = {k: None if k in nullable and v in ("null", "None") else v for k, v in overrides.items()}
         for key, value in overrides.items():
             if value is not None and not _has_type(value, types[key]):
                 kind = getattr(types[key], "__name__", types[key])
                 raise ValueError(f"{key}={value!r}: expected {kind} ({cls.__name__}.{key})")
-        return cls(**{**cls._presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+        given = {k: v for k, v in overrides.items() if v is not None or k in nullable}
+        return cls(**{**cls._presets[name], **given})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
