@@ -15,6 +15,7 @@
 #   --steps N    stop every run after N steps (default: the recipe's, i.e. when validation stops improving)
 #   --device D   cpu or cuda (default cpu), for training and for the comparison
 #   --fit "ARGS" more `translator fit` arguments for every run; --compare "ARGS" more scripts/compare.py arguments
+#   --train-only train (or resume) the runs and stop before the comparison
 #   --quick      tiny models, 4 steps, 2 seeds, 20 test pairs: the test suite's check that the study runs end to end
 # Arms (each a switch over the recipe's model; the decoder-only arms have 7 layers, the enc-dec 3+3: equal parameters):
 #   encdec, causal (the plain src <sep> tgt recipe), prefix (prefix-LM: bidirectional source);
@@ -32,11 +33,12 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 data=$root/../shared/data/multi30k out=out/compare recipes=()
-arms="encdec causal prefix" seeds="0 1 2" steps="" device=cpu fit_extra="" compare_extra="" quick=0 report=""
+arms="encdec causal prefix" seeds="0 1 2" steps="" device=cpu fit_extra="" compare_extra="" quick=0 train_only=0 report=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
     --quick) quick=1; shift; continue ;;
+    --train-only) train_only=1; shift; continue ;;
     --data | --out | --report | --recipe | --arms | --seeds | --steps | --device | --fit | --compare)
       [ $# -ge 2 ] || die "$1 needs a value"
       case "$1" in
@@ -135,6 +137,7 @@ for seed in $seeds; do
   done
 done
 
+if [ "$train_only" = 1 ]; then echo "== $(date -u +%H:%M:%S) trained ${#names[@]} runs (no comparison)" >&2; exit 0; fi
 echo "== $(date -u +%H:%M:%S) comparing ${#names[@]} runs" >&2
 python3 "$root/scripts/compare.py" --checkpoints "${checkpoints[@]}" --names "${names[@]}" --testset "$testset" \
   --device "$device" --out "$report" ${compare_args[@]+"${compare_args[@]}"}
