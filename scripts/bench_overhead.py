@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         ours, hf = cls(cfg), hf_model(arch, cfg)
         train = {}
-        losses = {"ours": lambda src, tgt: token_loss(ours, src, tgt, LABEL_SMOOTHING)[0],
+        losses = {"ours": lambda src, tgt: token_loss(ours, src, tgt, LABEL_SMOOTHING),
                   "hf": hf_loss(arch, hf, LABEL_SMOOTHING)}
         for name, model in (("ours", ours), ("hf", hf)):
             step_loss = losses[name]

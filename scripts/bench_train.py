@@ -24,7 +24,11 @@ What runs (per architecture, per token budget, every variant on the *same* list 
   ``TrainingClock``) over the same batches; ``hf`` / ``hf-fp32`` / ``hf-compile`` = ``MarianMTModel`` (3+3 layers) or
   ``GPT2LMHeadModel`` (7 layers) of the same size, same loss, optimiser, clipping and batches. The attention kernel
   (CPU only): ``sdpa-auto`` = ours on SDPA's own choice (flash), where ours trains on the math kernel on a CPU
-  (`translator.recipe.training_attention`); ``hf-math`` = HF on the math kernel, the same choice given to HF.
+  (`translator.recipe.training_attention`); ``hf-math`` = HF on the math kernel, the same choice given to HF;
+  ``torch-dropout`` = ours with torch's ``nn.Dropout`` (one bernoulli draw per element) where ours draws its CPU masks
+  16 bits at a time (`translator.layers.Dropout`); ``torch-loss`` = ours with the output layer and torch's
+  cross-entropy over the logits, where ours fuses them on a CPU (`translator.recipe.linear_cross_entropy`);
+  ``torch-both`` = both, the step of commit c7ac655.
 * ``--rounds R``: every variant measured R times in ABBA order; each row is the median round.
 * every step (bare loops and Lightning alike): copy the pinned batch to the device (non_blocking), forward, label-
   smoothed cross-entropy, backward, clip to norm 1, AdamW step, LR schedule step, zero grads.
@@ -70,6 +74,7 @@ from translator.bench import bf16_autocast, hf_loss, hf_model, machine, write_js
 from translator.cli import TranslatorCLI, build
 from translator.config import TransformerConfig, train_flops
 from translator.data import TranslationDataModule
+from translator.layers import Dropout
 from translator.logging_callbacks import TrainingClock
 from translator.module import MODULES, TranslationModule
 from translator.tokenizer import PAD_ID, Tokenizer
@@ -93,11 +98,16 @@ class Variant:
     cpu_only: bool = False  # a CPU matter: on CUDA the same as eager (sdpa-auto) or not what ours does (hf-math)
     same_on_cpu: bool = False  # indistinguishable from eager on CPU (no fused AdamW there; no autocast without bf16)
     attention: str | None = None  # None: as each runs; "auto": ours on SDPA's own kernel; "math": HF on the math one
+    torch_dropout: bool = False  # ours with torch's nn.Dropout in place of translator.layers.Dropout
+    torch_loss: bool = False  # ours with the logits and F.cross_entropy in place of recipe.linear_cross_entropy
 
 
 VARIANTS = {
     "eager": Variant("ours"),
     "sdpa-auto": Variant("ours", attention="auto", cpu_only=True),
+    "torch-dropout": Variant("ours", torch_dropout=True, cpu_only=True),
+    "torch-loss": Variant("ours", torch_loss=True, cpu_only=True),
+    "torch-both": Variant("ours", torch_dropout=True, torch_loss=True, cpu_only=True),
     "fp32": Variant("ours", autocast=False),
     "unfused": Variant("ours", fused=False, same_on_cpu=True),
     "item": Variant("ours", item=True),
@@ -182,10 +192,11 @@ FLOPS_FORMULA = (
 
 
 def loss_fn(impl: str, arch: str, model: nn.Module, label_smoothing: float,
-            attention: str | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+            attention: str | None = None, torch_loss: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
     """(src, tgt) -> the recipe's loss (label-smoothed cross-entropy over the non-pad target tokens), ours or HF's.
     attention: None, each as it runs (ours under `recipe.training_attention`, HF under SDPA's own choice); "auto":
-    ours under SDPA's own choice too; "math": HF under SDPA's math kernel, what `training_attention` picks on a CPU."""
+    ours under SDPA's own choice too; "math": HF under SDPA's math kernel, what `training_attention` picks on a CPU.
+    torch_loss: ours through its logits and torch's cross-entropy, as on a GPU (`recipe.fused_loss`)."""
     if impl == "hf":
         loss = hf_loss(arch, model, label_smoothing)
         if attention != "math":
@@ -198,7 +209,13 @@ def loss_fn(impl: str, arch: str, model: nn.Module, label_smoothing: float,
         return math_loss
     if attention == "auto":
         return lambda src, tgt: recipe.target_loss(model(src, tgt[:, :-1]), tgt, label_smoothing)
-    return lambda src, tgt: recipe.token_loss(model, src, tgt, label_smoothing)[0]
+    if torch_loss:
+        def logits_loss(src: Tensor, tgt: Tensor) -> Tensor:
+            with recipe.training_attention(src.device):
+                return recipe.target_loss(model(src, tgt[:, :-1]), tgt, label_smoothing)
+
+        return logits_loss
+    return lambda src, tgt: recipe.token_loss(model, src, tgt, label_smoothing)
 
 
 def make_optimizer(module: TranslationModule, model: nn.Module, total_steps: int, fused: bool | None = None,
@@ -353,6 +370,14 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def use_torch_dropout(model: nn.Module) -> None:
+    """Swap every `translator.layers.Dropout` of `model` for torch's `nn.Dropout` of the same rate."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, nn.Dropout(child.p))
+
+
 def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namespace, batches: list[BenchBatch],
             tokenizer: Tokenizer, device: torch.device) -> dict:
     """One row: variant `name` of the recipe `config` (architecture `arch`) on `batches` of `size` tokens."""
@@ -373,7 +398,9 @@ def measure(config: Path, arch: str, name: str, size: int, args: argparse.Namesp
     else:
         torch.manual_seed(args.seed)
         model = (module.model if v.impl == "ours" else hf_model(arch, cfg, args.hf_attn)).to(device)
-        step_loss = loss_fn(v.impl, arch, model, module.hparams.label_smoothing, v.attention)
+        if v.torch_dropout:
+            use_torch_dropout(model)
+        step_loss = loss_fn(v.impl, arch, model, module.hparams.label_smoothing, v.attention, v.torch_loss)
         if v.compile:  # forward and loss, compiled together as the module does
             step_loss = recipe.compiled(v.compile, step_loss)
         cuda = device.type == "cuda"  # as configure_optimizers: fused on CUDA; on CPU torch's default (per tensor)

@@ -20,7 +20,7 @@ from conftest import ENV, REPO, read_pairs
 from translator import recipe
 from translator.cache import KVCache, causal_mask
 from translator.config import Seq2SeqConfig
-from translator.layers import Attention, Positions, apply_rope, rope_cos_sin, sinusoidal
+from translator.layers import Attention, Dropout, Positions, apply_rope, rope_cos_sin, sinusoidal
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sinusoidal
@@ -337,3 +337,40 @@ def test_causal_mask_offsets():
     expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)  # 2 new tokens after 3 cached
     assert torch.equal(causal_mask(2, 5, torch.device("cpu")), expected)
     assert torch.equal(causal_mask(4, 4, torch.device("cpu")), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout (the CPU mask)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cpu_dropout_drops_at_its_rate_everywhere_and_keeps_the_expectation():
+    """A million ones through Dropout(0.1): the dropped share is 0.1 at each of the four 16-bit lanes of a draw
+    (a draw with a biased top bit would drop none or all in one lane), the kept values are 1 / (1 - rate), the mean
+    stays 1, and neighbours are dropped independently."""
+    torch.manual_seed(0)
+    drop = Dropout(0.1).train()
+    y = drop(torch.ones(250_000, 4))
+    dropped = y == 0
+    for lane in range(4):  # sd of each share: sqrt(0.09 / 250,000) = 6e-4
+        assert abs(dropped[:, lane].float().mean().item() - 0.1) < 0.003, lane
+    assert abs((dropped[:, 0] & dropped[:, 1]).float().mean().item() - 0.01) < 0.001
+    kept = y[~dropped]
+    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - 6554)))
+    assert abs(y.mean().item() - 1.0) < 0.003
+
+
+def test_cpu_dropout_gradient_eval_and_seeds():
+    """The gradient is the forward's mask times its scale; bf16 stays bf16; eval mode and p = 0 pass the input
+    through; a seed repeats the mask, another seed does not."""
+    drop = Dropout(0.3).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(5)
+    y = drop(x)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.where(y != 0, 65536 / (65536 - round(0.3 * 65536)), 0.0))
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), y)
+    assert not torch.equal(drop(x), y)
+    assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)

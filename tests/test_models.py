@@ -466,7 +466,7 @@ def test_training_loss_traces_without_graph_breaks(arch, positions):
 
     torch._dynamo.reset()  # each test's model is new: without a reset, recompiles of token_loss pile up to the limit
     model = build(arch, positions, dtype=torch.float32).train()
-    step = torch.compile(lambda s, t: token_loss(model, s, t, 0.1)[0], fullgraph=True, backend="eager")
+    step = torch.compile(lambda s, t: token_loss(model, s, t, 0.1), fullgraph=True, backend="eager")
     for lengths in ([5, 3], [7, 2, 4], [4, 6, 2, 3]):
         src, tgt = random_batch(lengths, lengths[::-1], seed=len(lengths))
         step(src, tgt).backward()
@@ -573,7 +573,7 @@ def test_source_loss_is_added_in_training_only():
     torch.manual_seed(0)
     module = DecoderOnlyModule(preset="tiny", vocab_size=V, config={"prefix_mode": "causal", "source_loss": 0.5})
     src, tgt = random_batch([6, 4], [3, 5], seed=5)
-    plain = token_loss(module.model, src, tgt, 0.0)[0]
+    plain = token_loss(module.model, src, tgt, 0.0)
     source = module.model(src, tgt[:, :-1], with_source=True)[1]
     metrics = evaluation_metrics()
     module._evaluate({"src": src, "tgt": tgt, "index": [0, 1], "truncated": [False, False], "num_pairs": 2}, metrics,
@@ -581,4 +581,63 @@ def test_source_loss_is_added_in_training_only():
     torch.testing.assert_close(metrics["loss"].compute(), plain.float())  # evaluation: the target loss alone
     smoothing = module.hparams.label_smoothing
     torch.testing.assert_close(module.training_loss(src, tgt),
-                               token_loss(module.model, src, tgt, smoothing)[0] + 0.5 * source)
+                               token_loss(module.model, src, tgt, smoothing) + 0.5 * source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused output layer and loss of CPU training (`translator.recipe.linear_cross_entropy`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_equals_torchs_loss_and_gradients(smoothing):
+    """Value and gradients of torch's cross-entropy over hidden @ weight.T, in float64, with pad targets skipped;
+    3,000 pieces make chunks of 699 rows, so 1,500 rows end in a partial chunk. Without autograd: the same value."""
+    from translator.recipe import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1500, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (0.3 * torch.randn(3000, 16, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(5, 3000, (1500,), generator=g)
+    targets[::7] = PAD_ID
+    expected = F.cross_entropy(hidden @ weight.T, targets, ignore_index=PAD_ID, label_smoothing=smoothing,
+                               reduction="sum")
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, smoothing)
+    torch.testing.assert_close(loss, expected, **EXACT)
+    for got, want in zip(torch.autograd.grad(2.5 * loss, (hidden, weight)), expected_grads):
+        torch.testing.assert_close(got, 2.5 * want, **EXACT)  # the incoming gradient scales both
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, smoothing), expected, **EXACT)
+
+
+@pytest.mark.parametrize("arch, extra", [("seq2seq", {}), ("prefix-lm", {}), ("causal-lm", {"source_loss": 0.5}),
+                                         ("prefix-lm", {"source_loss": 0.5, "source_loss_separate": True})])
+def test_cpu_training_loss_equals_the_loss_over_the_logits(arch, extra, monkeypatch):
+    """`token_loss` on a CPU (the fused output layer and loss) against the same loss over the model's logits
+    (`recipe.fused_loss` off, as on a GPU): equal loss and gradients in float64; in bf16 autocast, equal within
+    bf16's rounding of the logits."""
+    from translator import recipe
+
+    model = build(arch, dtype=torch.float64, **extra)
+    src, tgt = random_batch([6, 3, 5], [5, 2, 4], seed=3)
+    weight = extra.get("source_loss", 0.0)
+
+    def loss_and_grads(fused: bool, amp: bool = False):
+        monkeypatch.setattr(recipe, "fused_loss", lambda device: fused)
+        torch.manual_seed(1)  # the source denoising's random mask
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = recipe.token_loss(model, src, tgt, 0.1, source_weight=weight)
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    (fused, fused_grads), (plain, plain_grads) = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(fused, plain, **EXACT)
+    for a, b in zip(fused_grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **EXACT)
+    model.float()
+    (fused, fused_grads), (plain, plain_grads) = loss_and_grads(True, amp=True), loss_and_grads(False, amp=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=0)
+    a, b = (torch.cat([g.flatten() for g in grads if g is not None]) for grads in (fused_grads, plain_grads))
+    assert F.cosine_similarity(a, b, dim=0) > 0.999

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from translator.cache import DecodeState, LayerCache
 from translator.config import DecoderOnlyConfig
-from translator.layers import Block, Positions, count_parameters, init_weights
+from translator.layers import Block, Dropout, Head, Positions, count_parameters, init_weights
 from translator.tokenizer import UNK_ID
 
 
@@ -37,7 +37,7 @@ class DecoderOnlyTransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.segment = nn.Embedding(2, cfg.d_model) if cfg.segment_embeddings else None
         self.positions = Positions(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -80,13 +80,16 @@ class DecoderOnlyTransformer(nn.Module):
         masked = (torch.rand(src.shape, device=src.device) < self.config.source_mask_rate) & (src != pad)
         return src.masked_fill(masked, UNK_ID), src.masked_fill(~masked, pad)
 
-    def forward(self, src: Tensor, tgt: Tensor, with_source: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, src: Tensor, tgt: Tensor, with_source: bool = False, head: Head = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V) for the
-        target positions only (`<sep>` predicts y1); with_source: also the source-side loss (a 0-d tensor, see the
-        module docstring)."""
+        target positions only (`<sep>` predicts y1), or `head(their hidden states (B, T, D), lm_head.weight)` (as
+        `Seq2SeqTransformer.forward`); with_source: also the source-side loss (a 0-d tensor, see the module
+        docstring)."""
         (B, S), T = src.shape, tgt.size(1)
         if with_source and self.config.source_loss_separate:
-            return self(src, tgt), self._source_loss(*self._source_task(src))
+            return self(src, tgt, head=head), self._source_loss(*self._source_task(src))
         if with_source:
             src, src_targets = self._source_task(src)
         n = (src != self.config.pad_id).sum(1, keepdim=True)  # (B, 1) source length = position of <sep>
@@ -107,7 +110,8 @@ class DecoderOnlyTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, mask=mask, is_causal=mask is None, rope=rope)
         out = (n + torch.arange(T, device=src.device)).clamp(max=S + T - 1)  # (B, T) packed target positions
-        logits = self.lm_head(self.norm(x.gather(1, out.unsqueeze(-1).expand(B, T, x.size(-1)))))  # (B, T, V)
+        hidden = self.norm(x.gather(1, out.unsqueeze(-1).expand(B, T, x.size(-1))))  # (B, T, D)
+        logits = self.lm_head(hidden) if head is None else head(hidden, self.lm_head.weight)  # (B, T, V)
         if not with_source:
             return logits
         # packed positions j < S hold source token j where j < n; the targets there are pad from n on

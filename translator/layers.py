@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,9 @@ from torch import Tensor, nn
 
 from translator.cache import KVCache, LayerCache
 from translator.config import TransformerConfig
+
+# a model's optional replacement of its output layer: (hidden states (..., D), output weight (V, D)) -> anything
+Head = Callable[[Tensor, Tensor], Tensor] | None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Positions
@@ -176,6 +180,25 @@ def _split_fused_cross_qkv(module: Attention, state_dict: dict[str, Tensor], pre
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout`, with a cheaper mask on a CPU.
+
+    On a CPU torch draws a dropout mask one bernoulli sample per element: forward and backward over 2,048 x 256 bf16
+    values took 4.4 ms on the 2-core VM, 3x the rest of the work. Here each 64-bit random draw gives the mask four
+    elements, 16-bit uniform integers compared with a threshold (1.3-1.6 ms). The drop rate is p rounded to a multiple
+    of 2^-16 (0.1 -> 0.100006) and the kept values are scaled by 1 / (1 - that rate), so the expectation is kept.
+    The draws come from torch's generator: seeded runs repeat. Other devices use torch's fused kernel.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        drop = round(self.p * 65536)
+        bits = torch.randint(-(2**63), 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64)
+        keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768
+        return x * keep.to(x.dtype) * (65536 / (65536 - drop))
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -204,7 +227,7 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg, cross=True) if cross else None
         self.norm2 = nn.LayerNorm(cfg.d_model) if cross else None
         self.mlp, self.norm3 = MLP(cfg), nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, fn) -> Tensor:
         if self.norm_first:

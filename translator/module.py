@@ -108,7 +108,7 @@ class TranslationModule(L.LightningModule):
         source_weight = getattr(self.config, "source_loss", 0.0)  # the decoder-only source-side loss, training only
         self._train_loss = recipe.compiled(
             compile, lambda src, tgt, tokens=None: token_loss(self.model, src, tgt, label_smoothing, tokens,
-                                                              source_weight)[0]
+                                                              source_weight)
         )
         self._cuda_graphs = compile in ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
         self.val_metrics, self.test_metrics = evaluation_metrics(), evaluation_metrics()
@@ -197,7 +197,7 @@ class TranslationModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], metrics: nn.ModuleDict, decode: Sequence[int], beam: int) -> None:
         """Score a batch of ``TokenBatches(evaluation=True)``: the loss over every row, BLEU/chrF over the rows
         ``decode`` (indices into the batch), translated with beam size ``beam``."""
-        loss, _ = token_loss(self.model, batch["src"], batch["tgt"], 0.0)
+        loss = token_loss(self.model, batch["src"], batch["tgt"], 0.0)
         metrics["loss"].update(loss, weight=(batch["tgt"][:, 1:] != PAD_ID).sum())
         metrics["sentences"].update(len(batch["index"]))
         metrics["truncated"].update(sum(batch["truncated"]))

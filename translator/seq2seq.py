@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from translator.cache import DecodeState, LayerCache
 from translator.config import Seq2SeqConfig
-from translator.layers import Block, Positions, count_parameters, init_weights
+from translator.layers import Block, Dropout, Head, Positions, count_parameters, init_weights
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -23,7 +23,7 @@ class Seq2SeqTransformer(nn.Module):
             else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         )
         self.positions = Positions(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_decoder_layers))
         self.enc_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
@@ -57,10 +57,11 @@ class Seq2SeqTransformer(nn.Module):
         return self.enc_norm(x)
 
     def decode(
-        self, tgt: Tensor, memory: Tensor, src_pad_mask: Tensor, state: DecodeState | None = None
+        self, tgt: Tensor, memory: Tensor, src_pad_mask: Tensor, state: DecodeState | None = None, head: Head = None
     ) -> Tensor:
         """tgt (B, T) target inputs after whatever `state` holds; memory (B, S, D); src_pad_mask (B, S), True
-        at pads. Returns logits (B, T, V). Without a state the pass is causal over tgt from position 0."""
+        at pads. Returns logits (B, T, V), or `head(hidden states (B, T, D), lm_head.weight)` (see `forward`).
+        Without a state the pass is causal over tgt from position 0."""
         T = tgt.size(1)
         if state is None:  # causal from position 0 (target pads sit at the end, after every real token); a constant
             # is_causal, not `T > 1`: under torch.compile T is symbolic, and SDPA takes a Python bool only
@@ -72,11 +73,14 @@ class Seq2SeqTransformer(nn.Module):
         for i, block in enumerate(self.decoder):
             cache = state.layers[i] if state is not None else None
             x = block(x, mask=mask, is_causal=is_causal, rope=rope, memory=memory, memory_mask=memory_mask, cache=cache)
-        return self.lm_head(self.dec_norm(x))
+        x = self.dec_norm(x)
+        return self.lm_head(x) if head is None else head(x, self.lm_head.weight)
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V)."""
-        return self.decode(tgt, self.encode(src), src == self.config.pad_id)
+    def forward(self, src: Tensor, tgt: Tensor, head: Head = None) -> Tensor:
+        """src (B, S), tgt (B, T) teacher-forced inputs (`<bos> y1 .. y_{T-1}`) -> logits (B, T, V); or with a
+        `head`, its value on the hidden states (B, T, D) and the output layer's weight (V, D): a loss that projects
+        them itself (`translator.recipe.token_loss`), inside the forward, where a wrapper such as FSDP has the weights."""
+        return self.decode(tgt, self.encode(src), src == self.config.pad_id, head=head)
 
     # ---- the decode-step interface (docs/design.md) ------------------------------------------------------------
     def init_state(self, src: Tensor) -> DecodeState:
