@@ -184,10 +184,11 @@ class Dropout(nn.Dropout):
     """`nn.Dropout`, with a cheaper mask on a CPU.
 
     On a CPU torch draws a dropout mask one bernoulli sample per element: forward and backward over 2,048 x 256 bf16
-    values took 4.4 ms on the 2-core VM, 3x the rest of the work. Here each 64-bit random draw gives the mask four
-    elements, 16-bit uniform integers compared with a threshold (1.3-1.6 ms). The drop rate is p rounded to a multiple
-    of 2^-16 (0.1 -> 0.100006) and the kept values are scaled by 1 / (1 - that rate), so the expectation is kept.
-    The draws come from torch's generator: seeded runs repeat. Other devices use torch's fused kernel.
+    values took 4.4 ms on the 2-core VM. Here each 64-bit random draw gives the mask four elements, 16-bit uniform
+    integers compared with a threshold: 1.3-1.6 ms (docs/results.md, "CPU speed: dropout masks and the output
+    layer"). The drop rate is p rounded to a multiple of 2^-16 (0.1 -> 0.100006) and the kept values are scaled by
+    1 / (1 - that rate), so the expectation is kept. The draws come from torch's generator: seeded runs repeat.
+    Other devices use torch's fused kernel.
     """
 
     def forward(self, x: Tensor) -> Tensor:
