@@ -51,7 +51,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, label_
     over 8,000 pieces are 61 MB in float32, more than a CPU's caches. Here each chunk of rows (2^21 logits, 8 MB) is
     projected, scored and, with autograd on, turned into its gradient, softmax - (1 - eps) onehot - eps / V, while it
     is in cache; the forward keeps that gradient (in the projection's dtype) instead of the logits, and the backward
-    is two matrix products. On the 2-core VM: 90 against 166 ms for forward and backward at N = 1,920 in bf16
+    is two matrix products. On the 2-core VM: 85 against 176 ms for forward and backward at N = 1,920 in bf16
     (docs/results.md, "CPU speed: dropout masks and the output layer").
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
